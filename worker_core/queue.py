@@ -566,6 +566,23 @@ class Queue:
             )
             return cur.rowcount
 
+    async def depth(self, queue: str | None = None) -> dict[str, float]:
+        """Ready, scheduled and running counts and the oldest ready job's age (s)."""
+        async with self.connection() as conn:
+            cur = conn.cursor(row_factory=dict_row)
+            await cur.execute(self._sql["depth"], {"queue": self._queue_name(queue)})
+            row = await cur.fetchone()
+        assert row is not None
+        return {key: float(value or 0) for key, value in row.items()}
+
+    async def table_health(self) -> dict[str, Any]:
+        """Dead tuples on the jobs table and the oldest snapshot holding back vacuum."""
+        async with self.connection() as conn:
+            cur = conn.cursor(row_factory=dict_row)
+            await cur.execute(self._sql["table_health"], {"schema": self.schema})
+            row = await cur.fetchone()
+        return dict(row) if row else {}
+
     def _queue_name(self, queue: str | None) -> str:
         name = self.config.queue.name if queue is None else queue
         if not isinstance(name, str) or not name.strip() or len(name) > 200:

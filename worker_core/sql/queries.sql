@@ -189,3 +189,29 @@ WITH doomed AS (
     FOR UPDATE SKIP LOCKED
 )
 DELETE FROM {schema}.jobs AS j USING doomed WHERE j.id = doomed.id
+
+-- name: depth
+-- Queue depth for metrics and health: ready and scheduled jobs, running jobs,
+-- and how long the oldest ready job has waited (the number to alert on).
+SELECT count(*) FILTER (WHERE status = 'queued' AND run_at <= now()) AS ready,
+       count(*) FILTER (WHERE status = 'queued' AND run_at > now()) AS scheduled,
+       count(*) FILTER (WHERE status = 'running') AS running,
+       coalesce(extract(epoch FROM now() - min(run_at)
+                FILTER (WHERE status = 'queued' AND run_at <= now())), 0)::float8 AS oldest_ready_age
+FROM {schema}.jobs
+WHERE queue = %(queue)s AND status IN ('queued', 'running')
+
+-- name: table_health
+-- Hygiene of the jobs table: dead tuples, and what holds back vacuum (the
+-- oldest snapshot of any session, prepared transaction or replication slot).
+SELECT s.n_live_tup, s.n_dead_tup, s.last_autovacuum, s.last_vacuum,
+       (SELECT max(age(a.backend_xmin)) FROM pg_stat_activity AS a
+         WHERE a.backend_xmin IS NOT NULL) AS oldest_xmin_age,
+       (SELECT coalesce(extract(epoch FROM now() - min(a.xact_start)), 0)::float8
+          FROM pg_stat_activity AS a
+         WHERE a.xact_start IS NOT NULL AND a.backend_type = 'client backend'
+           AND a.pid <> pg_backend_pid()) AS oldest_transaction_seconds,
+       (SELECT max(age(p.transaction)) FROM pg_prepared_xacts AS p) AS oldest_prepared_xact_age,
+       (SELECT max(age(r.xmin)) FROM pg_replication_slots AS r) AS oldest_slot_xmin_age
+FROM pg_stat_user_tables AS s
+WHERE s.schemaname = %(schema)s AND s.relname = 'jobs'
