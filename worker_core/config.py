@@ -318,8 +318,10 @@ class WorkerConfig(BaseSettings):
             problems.append("database.dsn must be set (no implicit local database)")
         if self.logging.format != "json":
             problems.append("logging.format must be 'json' (console logs are for development)")
-        if self.storage.endpoint_url and self.storage.endpoint_url.startswith("http://") and not (
-            _is_loopback(self.storage.endpoint_url)
+        if (
+            self.storage.endpoint_url
+            and self.storage.endpoint_url.startswith("http://")
+            and not (_is_loopback(self.storage.endpoint_url))
         ):
             problems.append("storage.endpoint_url must use https:// (credentials in clear text)")
         if (

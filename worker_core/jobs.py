@@ -27,7 +27,7 @@ from .errors import PayloadError
 __all__ = ["TRANSITIONS", "Job", "JobStatus", "Transition", "check_json", "dump_json"]
 
 
-class JobStatus(str, enum.Enum):
+class JobStatus(enum.StrEnum):
     """Where a job is in its life."""
 
     #: Waiting to be claimed once ``run_at`` has come; moved in by enqueue, retry, rescue, requeue.
@@ -45,7 +45,7 @@ class JobStatus(str, enum.Enum):
         return self.value
 
 
-class Transition(str, enum.Enum):
+class Transition(enum.StrEnum):
     """The events that move a job."""
 
     CLAIM = "claim"
@@ -103,6 +103,7 @@ class Job:
     errors: list[dict[str, Any]] = field(default_factory=list)
     created_at: datetime | None = None
     updated_at: datetime | None = None
+    finished_at: datetime | None = None
     dedupe_key: str | None = None
     lease_owner: str | None = None
     lease_expires_at: datetime | None = None
@@ -130,6 +131,7 @@ class Job:
             errors=row.get("errors") or [],
             created_at=row.get("created_at"),
             updated_at=row.get("updated_at"),
+            finished_at=row.get("finished_at"),
             dedupe_key=row.get("dedupe_key"),
             lease_owner=row.get("lease_owner"),
             lease_expires_at=row.get("lease_expires_at"),
@@ -193,6 +195,4 @@ def check_json(value: Any, what: str = "payload") -> None:
             for i, sub in enumerate(item):
                 stack.append((sub, f"{path}[{i}]", depth + 1))
             continue
-        raise PayloadError(
-            f"{path} is a {type(item).__name__}, which is not JSON-serialisable"
-        )
+        raise PayloadError(f"{path} is a {type(item).__name__}, which is not JSON-serialisable")

@@ -223,7 +223,7 @@ class Queue:
     async def _embedding_type(
         self, conn: AsyncConnection[Any], vector: bool | None
     ) -> sql.Composable:
-        dims = sql.SQL(str(int(self.config.embedding.dimensions)))  # type: ignore[arg-type]
+        dims = sql.SQL(str(int(self.config.embedding.dimensions)))
         if vector is not False:
             try:
                 async with conn.transaction():  # a savepoint: failure keeps the migration going
@@ -355,7 +355,9 @@ class Queue:
         for i, payload in enumerate(payloads):
             what = label if label == "payload" else f"{label}[{i}]"
             if not isinstance(payload, Mapping):
-                raise TypeError(f"{what} must be a dict (a JSON object), not {type(payload).__name__}")
+                raise TypeError(
+                    f"{what} must be a dict (a JSON object), not {type(payload).__name__}"
+                )
             texts.append(dump_json(payload, what, max_bytes=limit))
         return texts
 
@@ -480,9 +482,7 @@ class Queue:
             )
             return [Job.from_row(row) for row in await cur.fetchall()]
 
-    async def heartbeat(
-        self, owner: str, ids: Sequence[int], *, lease_seconds: float
-    ) -> set[int]:
+    async def heartbeat(self, owner: str, ids: Sequence[int], *, lease_seconds: float) -> set[int]:
         """Renew ``owner``'s leases on ``ids``; returns the ids still held."""
         if not ids:
             return set()

@@ -44,7 +44,9 @@ _KV_SECRET = re.compile(
     re.IGNORECASE,
 )
 # Authorization header values.
-_AUTH_SCHEME = re.compile(r"\b(?P<scheme>Bearer|Basic|Token|Digest)\s+(?P<val>[A-Za-z0-9._~+/=\-]{4,})")
+_AUTH_SCHEME = re.compile(
+    r"\b(?P<scheme>Bearer|Basic|Token|Digest)\s+(?P<val>[A-Za-z0-9._~+/=\-]{4,})"
+)
 
 
 def is_sensitive_key(key: str, extra: Iterable[str] = ()) -> bool:

@@ -24,7 +24,7 @@ from .errors import (
 __all__ = ["ErrorKind", "Random", "backoff", "classify"]
 
 
-class ErrorKind(str, enum.Enum):
+class ErrorKind(enum.StrEnum):
     """What a failure means for the job."""
 
     #: Retry with backoff; consumes an attempt.

@@ -87,8 +87,8 @@ def render(text: str, schema: str, **parts: sql.Composable) -> sql.Composed:
             value = parts[key]
         else:
             continue
-        pieces.append(sql.SQL(text[pos : match.start()]))  # type: ignore[arg-type]
+        pieces.append(sql.SQL(text[pos : match.start()]))
         pieces.append(value)
         pos = match.end()
-    pieces.append(sql.SQL(text[pos:]))  # type: ignore[arg-type]
+    pieces.append(sql.SQL(text[pos:]))
     return sql.Composed(pieces)
