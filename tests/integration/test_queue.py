@@ -1,0 +1,345 @@
+"""Queue on a real PostgreSQL: migrate, enqueue, dedupe, transactions, operator calls."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from worker_core import JobStatus, Queue, WorkerConfig
+from worker_core.errors import PayloadError
+from worker_core.queue import Outcome
+
+
+async def count_rows(queue: Queue) -> int:
+    async with queue.connection() as conn:
+        cur = await conn.execute(
+            sql.SQL("SELECT count(*) FROM {}.jobs").format(sql.Identifier(queue.schema))
+        )
+        row = await cur.fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def test_migrate_is_idempotent(config: WorkerConfig) -> None:
+    async with Queue(config) as queue:
+        assert await queue.schema_version() == 0
+        first = await queue.migrate()
+        assert first and first[0] == 1
+        assert await queue.migrate() == []
+        assert await queue.schema_version() == first[-1]
+
+
+async def test_concurrent_migrations_from_two_connections(config: WorkerConfig) -> None:
+    async with Queue(config) as a, Queue(config) as b:
+        results = await asyncio.gather(a.migrate(), b.migrate(), a.migrate(), b.migrate())
+    applied = [r for r in results if r]
+    assert len(applied) == 1  # exactly one caller did the work, the others waited and saw it
+    async with Queue(config) as queue:
+        assert await queue.schema_version() == applied[0][-1]
+
+
+async def test_enqueue_and_get(queue: Queue) -> None:
+    job_id = await queue.enqueue({"text": "hello"}, priority=3, correlation_id="req-1")
+    job = await queue.get(job_id)
+    assert job is not None
+    assert job.status is JobStatus.QUEUED
+    assert job.payload == {"text": "hello"}
+    assert job.priority == 3
+    assert job.correlation_id == "req-1"
+    assert job.attempt == 0
+    assert job.max_attempts == queue.config.retry.max_attempts
+    generated = await queue.get(await queue.enqueue({}))
+    assert generated is not None
+    assert len(generated.correlation_id) == 36  # a UUID when none is given
+
+
+async def test_unknown_job_is_none(queue: Queue) -> None:
+    assert await queue.get(123456789) is None
+
+
+async def test_enqueue_many_returns_ids_in_input_order(queue: Queue) -> None:
+    ids = await queue.enqueue_many([{"i": i} for i in range(250)])
+    assert len(ids) == 250
+    assert len(set(ids)) == 250
+    for i in (0, 17, 249):
+        job = await queue.get(ids[i])
+        assert job is not None
+        assert job.payload == {"i": i}
+
+
+async def test_enqueue_many_in_several_batches_is_atomic(
+    make_config: Callable[..., WorkerConfig],
+) -> None:
+    config = make_config(queue={"enqueue_batch_size": 10})
+    async with Queue(config) as queue:
+        await queue.migrate()
+        ids = await queue.enqueue_many([{"i": i} for i in range(35)])
+        assert len(ids) == 35
+        job = await queue.get(ids[34])
+        assert job is not None
+        assert job.payload == {"i": 34}
+        payloads: list[Any] = [{"i": i} for i in range(30)] + [{"bad": object()}]
+        with pytest.raises(PayloadError, match=r"payloads\[30\]\['bad'\]"):
+            await queue.enqueue_many(payloads)
+        assert await count_rows(queue) == 35
+
+
+async def test_one_statement_and_one_notify_per_enqueue(queue: Queue, pg_dsn: str) -> None:
+    async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as listener:
+        await listener.execute(sql.SQL("LISTEN {}").format(sql.Identifier(queue.channel)))
+        await queue.enqueue_many([{"i": i} for i in range(500)])
+        await queue.enqueue({"one": 1})
+        await queue.enqueue({"later": 1}, run_at=timedelta(hours=1))  # not claimable: no wake-up
+        await queue.enqueue({"sentinel": 1}, queue="other")
+        seen = []
+        async for note in listener.notifies(timeout=2.0):
+            seen.append(note.payload)
+            if note.payload == "other":
+                break
+    assert seen == ["test", "test", "other"]
+
+
+async def test_dedupe_key_returns_the_active_job(queue: Queue) -> None:
+    first = await queue.enqueue({"v": 1}, dedupe_key="doc-1")
+    again = await queue.enqueue({"v": 2}, dedupe_key="doc-1")
+    other_queue = await queue.enqueue({"v": 3}, dedupe_key="doc-1", queue="other")
+    assert again == first
+    assert other_queue != first
+    ids = await queue.enqueue_many(
+        [{"v": 4}, {"v": 5}, {"v": 6}, {"v": 7}], dedupe_keys=["doc-1", "doc-2", "doc-2", None]
+    )
+    assert ids[0] == first
+    assert ids[1] == ids[2] != first
+    assert len(set(ids)) == 3
+    # Once the holder is finished, the key is free again.
+    jobs = await queue.claim("w", 10, lease_seconds=30)
+    holder = next(j for j in jobs if j.id == first)
+    await queue.finish("w", [Outcome(holder.id, holder.attempt, JobStatus.SUCCEEDED, None)])
+    fresh = await queue.enqueue({"v": 8}, dedupe_key="doc-1")
+    assert fresh != first
+
+
+async def test_concurrent_dedupe_enqueues_agree(queue: Queue) -> None:
+    ids = await asyncio.gather(*[queue.enqueue({"n": n}, dedupe_key="same") for n in range(20)])
+    assert len(set(ids)) == 1
+
+
+async def test_enqueue_joins_the_callers_transaction(queue: Queue, pg_dsn: str) -> None:
+    async with await psycopg.AsyncConnection.connect(pg_dsn) as conn:
+        async with conn.transaction(force_rollback=True):
+            job_id = await queue.enqueue({"x": 1}, connection=conn)
+            cur = await conn.execute(
+                sql.SQL("SELECT count(*) FROM {}.jobs WHERE id = %s").format(
+                    sql.Identifier(queue.schema)
+                ),
+                (job_id,),
+            )
+            assert (await cur.fetchone()) == (1,)
+            assert await queue.get(job_id) is None  # invisible outside until commit
+        assert await queue.get(job_id) is None  # rolled back
+        async with conn.transaction():
+            kept = await queue.enqueue({"x": 2}, connection=conn)
+    assert await queue.get(kept) is not None
+
+
+async def test_bad_payloads_refused_before_any_sql(queue: Queue) -> None:
+    with pytest.raises(PayloadError, match=r"payload\['when'\] is a datetime"):
+        await queue.enqueue({"when": datetime.now(UTC)})
+    with pytest.raises(TypeError, match="must be a dict"):
+        await queue.enqueue(["not", "a", "dict"])  # type: ignore[arg-type]
+    with pytest.raises(PayloadError, match="NUL"):
+        await queue.enqueue({"t": "a\x00b"})
+    with pytest.raises(PayloadError, match="over the limit"):
+        await queue.enqueue({"blob": "x" * (2 << 20)})
+    with pytest.raises(ValueError, match="timezone-aware"):
+        await queue.enqueue({}, run_at=datetime(2030, 1, 1))
+    with pytest.raises(ValueError, match="max_attempts"):
+        await queue.enqueue({}, max_attempts=0)
+    assert await count_rows(queue) == 0
+
+
+async def test_run_at_and_priority_order_claims(queue: Queue) -> None:
+    low = await queue.enqueue({"n": "low"}, priority=0)
+    high = await queue.enqueue({"n": "high"}, priority=10)
+    later = await queue.enqueue({"n": "later"}, priority=99, run_at=timedelta(minutes=5))
+    jobs = await queue.claim("w", 10, lease_seconds=30)
+    assert [j.id for j in jobs] == [high, low]
+    assert later not in [j.id for j in jobs]
+    depth = await queue.depth()
+    assert depth["scheduled"] == 1
+    assert depth["running"] == 2
+
+
+async def test_stats_counts_every_status(queue: Queue) -> None:
+    assert await queue.stats() == {s.value: 0 for s in JobStatus}
+    ids = await queue.enqueue_many([{"i": i} for i in range(5)])
+    await queue.enqueue({"elsewhere": 1}, queue="other")
+    assert await queue.cancel(ids[4])
+    jobs = await queue.claim("w", 3, lease_seconds=30)
+    by_id = {j.id: j for j in jobs}
+    done, dead, _running = (by_id[ids[0]], by_id[ids[1]], by_id[ids[2]])
+    written = await queue.finish(
+        "w",
+        [
+            Outcome(done.id, done.attempt, JobStatus.SUCCEEDED, None),
+            Outcome(dead.id, dead.attempt, JobStatus.DEAD, None, error='{"type": "X"}'),
+        ],
+    )
+    assert written == {done.id, dead.id}
+    assert await queue.stats("test") == {
+        "queued": 1,
+        "running": 1,
+        "succeeded": 1,
+        "dead": 1,
+        "cancelled": 1,
+    }
+    assert (await queue.stats())["queued"] == 2
+
+
+async def test_cancel_only_queued(queue: Queue) -> None:
+    a = await queue.enqueue({"a": 1})
+    b = await queue.enqueue({"b": 1})
+    await queue.claim("w", 1, lease_seconds=30)  # a is now running
+    assert not await queue.cancel(a)
+    assert await queue.cancel(b)
+    assert not await queue.cancel(b)
+    assert not await queue.cancel(987654)
+    job = await queue.get(b)
+    assert job is not None
+    assert job.status is JobStatus.CANCELLED
+
+
+async def test_requeue_only_dead_jobs(queue: Queue) -> None:
+    a, b = await queue.enqueue_many([{"a": 1}, {"b": 1}])
+    jobs = await queue.claim("w", 2, lease_seconds=30)
+    ja = next(j for j in jobs if j.id == a)
+    await queue.finish(
+        "w",
+        [
+            Outcome(
+                ja.id,
+                ja.attempt,
+                JobStatus.DEAD,
+                "parse",
+                '{"k": 1}',
+                error='{"type": "PermanentError", "message": "bad"}',
+            )
+        ],
+    )
+    dead = await queue.dead_letters()
+    assert [j.id for j in dead] == [a]
+    assert dead[0].stage == "parse"
+    assert dead[0].state == {"k": 1}
+    assert dead[0].errors == [{"type": "PermanentError", "message": "bad"}]
+    assert await queue.requeue([a, b, 999999]) == 1  # b is running, 999999 does not exist
+    job = await queue.get(a)
+    assert job is not None
+    assert (job.status, job.attempt, job.stage, job.state) == (
+        JobStatus.QUEUED,
+        0,
+        "parse",
+        {"k": 1},
+    )
+    assert job.errors  # history kept
+    assert await queue.requeue([a]) == 0  # no longer dead
+
+
+async def test_requeue_keeps_dedupe_unique(queue: Queue) -> None:
+    a = await queue.enqueue({"v": 1}, dedupe_key="k")
+    [job] = await queue.claim("w", 1, lease_seconds=30)
+    await queue.finish("w", [Outcome(job.id, job.attempt, JobStatus.DEAD, None, error="{}")])
+    b = await queue.enqueue({"v": 2}, dedupe_key="k")
+    assert b != a
+    assert await queue.requeue([a]) == 0  # b holds the key now
+
+
+async def test_finish_is_fenced_by_owner_and_attempt(queue: Queue) -> None:
+    job_id = await queue.enqueue({})
+    [job] = await queue.claim("w1", 1, lease_seconds=30)
+    assert (
+        await queue.finish("w2", [Outcome(job_id, job.attempt, JobStatus.SUCCEEDED, None)]) == set()
+    )
+    assert (
+        await queue.finish("w1", [Outcome(job_id, job.attempt + 1, JobStatus.SUCCEEDED, None)])
+        == set()
+    )
+    assert await queue.finish("w1", [Outcome(job_id, job.attempt, JobStatus.SUCCEEDED, None)]) == {
+        job_id
+    }
+    assert await queue.finish("w1", [Outcome(job_id, job.attempt, JobStatus.DEAD, None)]) == set()
+
+
+async def test_heartbeat_and_rescue(queue: Queue) -> None:
+    a, b = await queue.enqueue_many([{"a": 1}, {"b": 1}], max_attempts=1)
+    c = await queue.enqueue({"c": 1}, max_attempts=3)
+    jobs = await queue.claim("w1", 3, lease_seconds=0.05)
+    assert {j.id for j in jobs} == {a, b, c}
+    held = await queue.heartbeat("w1", [a, b, c], lease_seconds=0.05)
+    assert held == {a, b, c}
+    assert await queue.heartbeat("someone-else", [a], lease_seconds=30) == set()
+    await asyncio.sleep(0.1)  # let the 50 ms leases expire on the database clock
+    rescued = {job_id: status for job_id, _, status in await queue.rescue()}
+    assert rescued == {a: JobStatus.DEAD, b: JobStatus.DEAD, c: JobStatus.QUEUED}
+    job = await queue.get(c)
+    assert job is not None
+    assert job.last_error is not None
+    assert job.last_error["type"] == "LeaseExpired"
+    assert await queue.finish("w1", [Outcome(c, 1, JobStatus.SUCCEEDED, None)]) == set()
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["x'; DROP TABLE jobs; --", 'q" OR 1=1 --', "robert'); DELETE FROM jobs;--", "ünïcødé"],
+)
+async def test_sql_injection_through_queue_names_is_inert(queue: Queue, name: str) -> None:
+    job_id = await queue.enqueue({"n": name}, queue=name)
+    assert (await queue.stats(name))["queued"] == 1
+    jobs = await queue.claim("w", 5, lease_seconds=30, queue=name)
+    assert [j.id for j in jobs] == [job_id]
+    assert jobs[0].queue == name
+    assert await count_rows(queue) == 1
+
+
+async def test_schema_name_cannot_inject(make_config: Callable[..., WorkerConfig]) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError):
+        make_config(database={"schema": "public; DROP SCHEMA public CASCADE"})
+
+
+async def test_two_schemas_are_isolated(
+    make_config: Callable[..., WorkerConfig], pg_dsn: str
+) -> None:
+    config_a = make_config()
+    config_b = make_config(database={"dsn": pg_dsn, "schema": config_a.database.schema + "_b"})
+    try:
+        async with Queue(config_a) as a, Queue(config_b) as b:
+            await a.migrate()
+            await b.migrate()
+            await a.enqueue({"a": 1})
+            assert (await a.stats())["queued"] == 1
+            assert (await b.stats())["queued"] == 0
+    finally:
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            conn.execute(
+                sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(
+                    sql.Identifier(config_b.database.schema)
+                )
+            )
+
+
+async def test_unreachable_database_fails_with_one_clear_line(tmp_path: Any) -> None:
+    config = WorkerConfig(
+        database={"dsn": f"postgresql://u:pw9876@/db?host={tmp_path}", "connect_timeout": 1}
+    )
+    with pytest.raises(ConnectionError) as info:
+        async with Queue(config):
+            pass
+    assert "cannot connect to PostgreSQL" in str(info.value)
+    assert "pw9876" not in str(info.value)

@@ -1,0 +1,107 @@
+"""Job, JobStatus, the transition table and JSON checks; pure."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from worker_core.errors import PayloadError, PermanentError
+from worker_core.jobs import TRANSITIONS, Job, JobStatus, Transition, check_json, dump_json
+
+
+def test_status_values() -> None:
+    assert [s.value for s in JobStatus] == ["queued", "running", "succeeded", "dead", "cancelled"]
+    assert JobStatus("dead") is JobStatus.DEAD
+    assert str(JobStatus.RUNNING) == "running"
+    assert isinstance(JobStatus.QUEUED, str)
+
+
+def test_transition_table_matches_the_state_machine() -> None:
+    q, r, s, d, c = (
+        JobStatus.QUEUED,
+        JobStatus.RUNNING,
+        JobStatus.SUCCEEDED,
+        JobStatus.DEAD,
+        JobStatus.CANCELLED,
+    )
+    assert TRANSITIONS[(q, Transition.CLAIM)] is r
+    assert TRANSITIONS[(r, Transition.SUCCEED)] is s
+    assert TRANSITIONS[(r, Transition.RETRY)] is q
+    assert TRANSITIONS[(r, Transition.DEFER)] is q
+    assert TRANSITIONS[(r, Transition.BURY)] is d
+    assert TRANSITIONS[(r, Transition.RESCUE)] is q
+    assert TRANSITIONS[(r, Transition.RESCUE_DEAD)] is d
+    assert TRANSITIONS[(q, Transition.CANCEL)] is c
+    assert TRANSITIONS[(d, Transition.REQUEUE)] is q
+    # Terminal states have no way out but requeue of dead.
+    assert not [k for k in TRANSITIONS if k[0] in (s, c)]
+
+
+def test_job_from_row_defaults() -> None:
+    job = Job.from_row({"id": 1, "queue": "q", "payload": {"a": 1}, "status": "queued"})
+    assert job.status is JobStatus.QUEUED
+    assert job.state == {}
+    assert job.errors == []
+    with pytest.raises(AttributeError):
+        job.status = JobStatus.DEAD  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("value", "fragment"),
+    [
+        ({"a": {"b": object()}}, "payload['a']['b'] is a object"),
+        ({"a": [1, float("nan")]}, "payload['a'][1] is nan"),
+        ({"a": math.inf}, "payload['a'] is inf"),
+        ({"text": "nul\x00byte"}, "payload['text'] contains a NUL"),
+        ({"b": b"bytes"}, "payload['b'] is a bytes"),
+        ({"s": {1, 2}}, "payload['s'] is a set"),
+    ],
+)
+def test_dump_json_names_the_key(value: dict[str, Any], fragment: str) -> None:
+    with pytest.raises(PayloadError) as info:
+        dump_json(value)
+    assert fragment in str(info.value)
+    assert isinstance(info.value, PermanentError)
+    assert isinstance(info.value, ValueError)
+
+
+def test_deep_nesting_is_refused_clearly() -> None:
+    value: dict[str, Any] = {}
+    cursor = value
+    for _ in range(5000):
+        cursor["a"] = {}
+        cursor = cursor["a"]
+    with pytest.raises(PayloadError, match="nested more than"):
+        dump_json(value)
+
+
+def test_size_limit() -> None:
+    with pytest.raises(PayloadError, match="over the limit"):
+        dump_json({"x": "y" * 5000}, max_bytes=4096)
+    assert dump_json({"x": "y"}, max_bytes=4096) == '{"x":"y"}'
+
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text().filter(lambda t: "\x00" not in t),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(st.text().filter(lambda t: "\x00" not in t), children, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+@given(st.dictionaries(st.text().filter(lambda t: "\x00" not in t), json_values, max_size=5))
+def test_property_valid_json_round_trips(value: dict[str, Any]) -> None:
+    import json
+
+    check_json(value)
+    assert json.loads(dump_json(value)) == value
