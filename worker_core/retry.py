@@ -11,6 +11,7 @@ import asyncio
 import enum
 import json
 import random
+from dataclasses import dataclass
 from typing import Protocol
 
 from .errors import (
@@ -20,8 +21,9 @@ from .errors import (
     TransientError,
     WorkerCoreError,
 )
+from .jobs import Transition
 
-__all__ = ["ErrorKind", "Random", "backoff", "classify"]
+__all__ = ["ErrorKind", "FailurePlan", "Random", "backoff", "classify", "plan_failure"]
 
 
 class ErrorKind(enum.StrEnum):
@@ -91,3 +93,35 @@ def backoff(
     exponent = min(attempt - 1, 1024)
     ceiling = max_delay if exponent >= 1023 else min(max_delay, base_delay * 2.0**exponent)
     return (rng or random).uniform(0.0, ceiling)
+
+
+@dataclass(frozen=True, slots=True)
+class FailurePlan:
+    """What happens to a job whose attempt raised."""
+
+    #: RETRY (queued, attempt used), DEFER (queued, attempt refunded) or BURY (dead).
+    transition: Transition
+    #: The kind after limits were applied (a deferral past its limit is transient).
+    kind: ErrorKind
+    note: str | None = None
+
+
+def plan_failure(
+    kind: ErrorKind, *, attempt: int, max_attempts: int, deferrals: int, max_deferrals: int
+) -> FailurePlan:
+    """The state-machine decision for a failed attempt (DESIGN.md section 5).
+
+    Retryable errors defer without using the attempt until ``max_deferrals`` is
+    reached; from then on they count like transient errors. Transient errors retry
+    while attempts are left. Everything else goes to the dead-letter queue.
+    """
+    note = None
+    if kind is ErrorKind.RETRYABLE:
+        if deferrals < max_deferrals:
+            return FailurePlan(Transition.DEFER, kind)
+        kind, note = ErrorKind.TRANSIENT, f"deferral limit {max_deferrals} reached"
+    if kind is ErrorKind.TRANSIENT:
+        if attempt < max_attempts:
+            return FailurePlan(Transition.RETRY, kind, note)
+        return FailurePlan(Transition.BURY, kind, note or f"attempts exhausted ({max_attempts})")
+    return FailurePlan(Transition.BURY, ErrorKind.PERMANENT, note)

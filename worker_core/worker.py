@@ -34,12 +34,12 @@ from .errors import (
     TransientError,
     WorkerCoreError,
 )
-from .jobs import Job, JobStatus, dump_json
+from .jobs import Job, JobStatus, Transition, dump_json
 from .logs import StructuredLogger, job_context
 from .metrics import ProcessingMetrics
 from .queue import Outcome, Queue, open_pool
 from .redact import redact_text, redact_value
-from .retry import ErrorKind, backoff, classify
+from .retry import ErrorKind, backoff, classify, plan_failure
 from .sql import migrations
 from .stages import Stage, StageContext, state_json, validate_stages
 
@@ -708,13 +708,18 @@ class BaseWorker(abc.ABC):
             self.logger.exception("classify() failed; treating the error as transient")
             kind = ErrorKind.TRANSIENT
         retry = self.config.retry
-        note = None
-        if kind is ErrorKind.RETRYABLE and job.deferrals >= retry.max_deferrals:
-            kind, note = ErrorKind.TRANSIENT, f"deferral limit {retry.max_deferrals} reached"
-        record = self._error_record(job, exc, stage, kind, note)
+        plan = plan_failure(
+            kind,
+            attempt=job.attempt,
+            max_attempts=job.max_attempts,
+            deferrals=job.deferrals,
+            max_deferrals=retry.max_deferrals,
+        )
+        record = self._error_record(job, exc, stage, plan.kind, plan.note)
         error = dump_json(record, "error record")
+        error_type = type(exc).__name__
         run.finished = True
-        if kind is ErrorKind.RETRYABLE:
+        if plan.transition is Transition.DEFER:
             delay = self._delay(job, exc)
             self._flusher.submit(
                 Outcome(
@@ -729,17 +734,17 @@ class BaseWorker(abc.ABC):
                     error=error,
                 )
             )
-            self.metrics.attempt_failed(type(exc).__name__, elapsed, "deferred")
+            self.metrics.attempt_failed(error_type, elapsed, "deferred")
             self.logger.info(
                 "job deferred",
                 stage=stage,
                 retry_in=round(delay, 3),
-                error_type=type(exc).__name__,
+                error_type=error_type,
                 error=record["message"],
                 deferrals=job.deferrals + 1,
             )
             return
-        if kind is ErrorKind.TRANSIENT and job.attempt < job.max_attempts:
+        if plan.transition is Transition.RETRY:
             delay = self._delay(job, exc)
             self._flusher.submit(
                 Outcome(
@@ -752,28 +757,28 @@ class BaseWorker(abc.ABC):
                     error=error,
                 )
             )
-            self.metrics.attempt_failed(type(exc).__name__, elapsed, "retried")
+            self.metrics.attempt_failed(error_type, elapsed, "retried")
             self.logger.warning(
                 "job failed; will retry",
                 stage=stage,
                 retry_in=round(delay, 3),
-                error_type=type(exc).__name__,
+                error_type=error_type,
                 error=record["message"],
                 attempts_left=job.max_attempts - job.attempt,
             )
             return
-        reason = "permanent error" if kind is ErrorKind.PERMANENT else "attempts exhausted"
+        reason = plan.note or "permanent error"
         hook = type(self).on_dead_letter is not BaseWorker.on_dead_letter
         future = self._flusher.submit(
             Outcome(job.id, job.attempt, JobStatus.DEAD, run.stage, run.saved_state, error=error),
             wait=hook,
         )
-        self.metrics.attempt_failed(type(exc).__name__, elapsed, "dead")
+        self.metrics.attempt_failed(error_type, elapsed, "dead")
         self.logger.error(
             "job dead-lettered",
             stage=stage,
             reason=reason,
-            error_type=type(exc).__name__,
+            error_type=error_type,
             error=record["message"],
         )
         if future is not None and await future:
