@@ -61,15 +61,8 @@ _EXPORTS: dict[str, str] = {
 
 __all__ = [
     "BaseWorker",
-    "Chunk",
-    "ChunkWriter",
-    "CircuitBreaker",
     "CircuitOpenError",
-    "CircuitState",
-    "ComponentHealth",
     "ErrorKind",
-    "HealthReport",
-    "HealthStatus",
     "Job",
     "JobStatus",
     "PermanentError",
@@ -82,8 +75,6 @@ __all__ = [
     "TransientError",
     "WorkerConfig",
     "WorkerCoreError",
-    "WriteResult",
-    "chunk_id",
     "configure_logging",
 ]
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import enum
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -111,6 +111,11 @@ class Job:
     @property
     def attempts_left(self) -> int:
         return max(0, self.max_attempts - self.attempt)
+
+    @classmethod
+    def from_claim(cls, row: Sequence[Any]) -> Job:
+        """A job from a row of the ``claim`` query (its columns follow the field order)."""
+        return cls(row[0], row[1], row[2], JobStatus.RUNNING, *row[4:])
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> Job:

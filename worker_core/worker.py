@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import collections
 import contextlib
 import functools
+import logging
 import os
 import random
 import secrets
@@ -204,6 +206,8 @@ class BaseWorker(abc.ABC):
         self.logger = StructuredLogger(
             "worker_core.worker", worker_id=self.worker_id, queue=config.queue.name
         )
+        # Per-job lines are skipped before any formatting work when their level is off.
+        self._enabled = logging.getLogger("worker_core.worker").isEnabledFor
         self.queue: Queue | None = None
         self.health_checks: dict[str, Callable[[], Awaitable[Any]]] = {}
         self.is_running = False
@@ -216,6 +220,8 @@ class BaseWorker(abc.ABC):
         self._pool: AsyncConnectionPool | None = None
         self._registry: Any = None
         self._tasks: dict[int, asyncio.Task[None]] = {}
+        #: Claimed (under lease) but not started: the prefetch buffer.
+        self._buffer: collections.deque[Job] = collections.deque()
         self._runs: dict[int, _JobRun] = {}
         self._cancel_reason: dict[int, str] = {}
         self._flusher: _Flusher | None = None
@@ -305,6 +311,7 @@ class BaseWorker(abc.ABC):
 
     @property
     def in_flight(self) -> int:
+        """Jobs running now (not counting the prefetch buffer)."""
         return len(self._tasks)
 
     # -- running -----------------------------------------------------------------
@@ -418,6 +425,7 @@ class BaseWorker(abc.ABC):
         self._force = False
         self._maybe_work = True
         self._tasks.clear()
+        self._buffer.clear()
         self._runs.clear()
         self._cancel_reason.clear()
 
@@ -471,12 +479,19 @@ class BaseWorker(abc.ABC):
         assert self.queue is not None
         assert self._flusher is not None
         queue_cfg = self.config.queue
+        capacity = queue_cfg.concurrency + queue_cfg.prefetch
+        # With a prefetch buffer, small refills wait until a quarter of it is free,
+        # so one finishing job does not cost one claim round trip.
+        min_refill = max(1, queue_cfg.prefetch // 4) if queue_cfg.prefetch else 1
         error_delay = 0.05
         while not self._stopping.is_set():
             self.last_loop_at = time.monotonic()
-            free = queue_cfg.concurrency - len(self._tasks)
+            self._start_buffered()
+            room = capacity - len(self._tasks) - len(self._buffer)
+            starving = not self._buffer and len(self._tasks) < queue_cfg.concurrency
+            wanted = room > 0 and (starving or room >= min_refill)
             drained = False
-            if free > 0 and (self._maybe_work or not self._tasks):
+            if wanted and (self._maybe_work or not (self._tasks or self._buffer)):
                 pause = self._paused_for()
                 if pause is not None:
                     await self._wait(min(pause, queue_cfg.poll_interval))
@@ -484,7 +499,7 @@ class BaseWorker(abc.ABC):
                 self._wake.clear()
                 try:
                     jobs = await self.queue.claim(
-                        self.worker_id, free, lease_seconds=queue_cfg.lease_seconds
+                        self.worker_id, room, lease_seconds=queue_cfg.lease_seconds
                     )
                 except Exception as exc:
                     self.logger.warning(
@@ -498,16 +513,16 @@ class BaseWorker(abc.ABC):
                     continue
                 error_delay = 0.05
                 self.last_claim_at = time.monotonic()
-                drained = len(jobs) < free
+                drained = len(jobs) < room
                 self._maybe_work = not drained
                 if jobs:
                     self.metrics.job_claimed(len(jobs))
                     if self._stopping.is_set():
                         self._release_unstarted(jobs)
                         break
-                    for job in jobs:
-                        self._start(job)
-                if until_empty and drained and not self._tasks:
+                    self._buffer.extend(jobs)
+                    self._start_buffered()
+                if until_empty and drained and not self._tasks and not self._buffer:
                     if len(self._flusher):
                         await self._flusher.flush()  # a retry written now may be ready at once
                         self._maybe_work = True
@@ -519,8 +534,14 @@ class BaseWorker(abc.ABC):
                     self._maybe_work = True
                     continue
                 if not drained:
-                    continue  # every slot filled: wait for one to free
+                    continue  # full: wait for a slot to free
             await self._wait(queue_cfg.poll_interval)
+
+    def _start_buffered(self) -> None:
+        free = self.config.queue.concurrency - len(self._tasks)
+        while free > 0 and self._buffer:
+            self._start(self._buffer.popleft())
+            free -= 1
 
     async def _next_ready_in(self) -> float | None:
         """Seconds until the next queued job is ready, if within one poll interval."""
@@ -593,9 +614,10 @@ class BaseWorker(abc.ABC):
                 attempt=job.attempt,
                 worker_id=self.worker_id,
             ):
-                self.logger.debug(
-                    "job claimed", job_id=job.id, attempt=job.attempt, stage=job.stage
-                )
+                if self._enabled(logging.DEBUG):
+                    self.logger.debug(
+                        "job claimed", job_id=job.id, attempt=job.attempt, stage=job.stage
+                    )
                 try:
                     for stage in self._remaining_stages(job):
                         failing_stage = ctx.stage = stage.name
@@ -655,7 +677,8 @@ class BaseWorker(abc.ABC):
             raise
         elapsed = time.monotonic() - started
         self.metrics.stage_completed(stage.name, elapsed)
-        self.logger.debug("stage done", seconds=round(elapsed, 6))
+        if self._enabled(logging.DEBUG):
+            self.logger.debug("stage done", seconds=round(elapsed, 6))
 
     async def _succeed(self, job: Job, run: _JobRun, state: dict[str, Any]) -> None:
         assert self._flusher is not None
@@ -667,7 +690,8 @@ class BaseWorker(abc.ABC):
         )
         elapsed = time.monotonic() - run.started
         self.metrics.job_succeeded(elapsed)
-        self.logger.info("job succeeded", seconds=round(elapsed, 6))
+        if self._enabled(logging.INFO):
+            self.logger.info("job succeeded", seconds=round(elapsed, 6))
         if future is not None and await future:
             done = replace(job, status=JobStatus.SUCCEEDED, stage=run.stage, state=state)
             await self._call_hook("on_job_done", self.on_job_done(done))
@@ -842,6 +866,9 @@ class BaseWorker(abc.ABC):
     # -- shutdown ------------------------------------------------------------------
     async def _drain(self) -> None:
         self.is_draining = True
+        if self._buffer:
+            self._release_unstarted(list(self._buffer))
+            self._buffer.clear()
         tasks = list(self._tasks.values())
         if tasks and not self._force:
             self.logger.info(
@@ -898,7 +925,8 @@ class BaseWorker(abc.ABC):
         assert self.queue is not None
         assert self._flusher is not None
         running = list(self._tasks)
-        ids = sorted(set(running) | set(self._flusher.pending_ids))
+        buffered = [job.id for job in self._buffer]
+        ids = sorted(set(running) | set(buffered) | set(self._flusher.pending_ids))
         if not ids:
             return
         held = await self.queue.heartbeat(
@@ -916,6 +944,10 @@ class BaseWorker(abc.ABC):
                 # Someone rescued this job: stop working on it (its writes would be fenced).
                 self._cancel_reason[job_id] = "lease_lost"
                 task.cancel()
+        lost = {job_id for job_id in buffered if job_id not in held}
+        if lost:  # claimed ahead but never started: simply forget them
+            self._buffer = collections.deque(j for j in self._buffer if j.id not in lost)
+            self.metrics.lease_lost(len(lost))
 
     async def _rescue(self) -> None:
         assert self.queue is not None

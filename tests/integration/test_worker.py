@@ -601,3 +601,45 @@ async def _value(value: bool) -> bool:
 async def _stage_is(queue: Queue, job_id: int, stage: str) -> bool:
     job = await queue.get(job_id)
     return job is not None and job.stage == stage
+
+
+async def test_prefetch_buffer_is_released_on_stop(
+    queue: Queue, make_config: Callable[..., WorkerConfig]
+) -> None:
+    started = asyncio.Event()
+
+    async def stuck(ctx: StageContext, n: int) -> None:
+        started.set()
+        await asyncio.Event().wait()
+
+    ids = await queue.enqueue_many([{"i": i} for i in range(10)])
+    config = make_config(queue={"concurrency": 2, "prefetch": 4, "shutdown_timeout": 0.1})
+    worker = Worker(config, [Step("stuck", stuck)])
+    task = asyncio.create_task(worker.run(install_signal_handlers=False))
+    await asyncio.wait_for(started.wait(), 10)
+    await wait_for(lambda: _running_is(queue, 6), what="2 running + 4 prefetched")
+    await worker.stop()
+    await task
+    jobs = [await queue.get(job_id) for job_id in ids]
+    assert all(j is not None and j.status is JobStatus.QUEUED and j.attempt == 0 for j in jobs)
+    assert worker.metrics.released == 6
+
+
+async def test_prefetch_processes_each_job_once(
+    queue: Queue, make_config: Callable[..., WorkerConfig]
+) -> None:
+    seen: Counter[int] = Counter()
+
+    async def record(ctx: StageContext, n: int) -> None:
+        seen[ctx.job.id] += 1
+
+    ids = await queue.enqueue_many([{"i": i} for i in range(500)])
+    config = make_config(queue={"concurrency": 8, "prefetch": 16})
+    workers = [Worker(config, [Step("r", record)]) for _ in range(2)]
+    await asyncio.gather(*(w.run(until_empty=True, install_signal_handlers=False) for w in workers))
+    assert set(seen) == set(ids)
+    assert set(seen.values()) == {1}
+
+
+async def _running_is(queue: Queue, n: int) -> bool:
+    return (await queue.stats())["running"] == n

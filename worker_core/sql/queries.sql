@@ -104,9 +104,11 @@ SET status = 'running', attempt = j.attempt + 1, lease_owner = %(owner)s,
     lease_expires_at = now() + %(lease)s::float8 * interval '1 second', updated_at = now()
 FROM picked
 WHERE j.id = picked.id
+-- The columns come back in the field order of worker_core.jobs.Job.
 RETURNING j.id, j.queue, j.payload, j.status, j.stage, j.state, j.attempt, j.max_attempts,
           j.deferrals, j.priority, j.run_at, j.correlation_id, j.last_error, j.errors,
-          j.created_at, j.updated_at, j.dedupe_key, j.lease_owner, j.lease_expires_at
+          j.created_at, j.updated_at, j.finished_at, j.dedupe_key, j.lease_owner,
+          j.lease_expires_at
 
 -- name: heartbeat
 -- One statement renews every lease a worker holds; an id missing from the

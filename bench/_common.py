@@ -1,0 +1,47 @@
+"""Shared set-up for the benchmark scripts: a database and a fresh schema.
+
+Uses ``WORKER_CORE_BENCH_DSN`` when set; otherwise starts an embedded PostgreSQL
+with default settings (durable commits, as in production) in a temporary directory.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import psycopg
+from psycopg import sql
+
+
+@contextmanager
+def database() -> Iterator[str]:
+    dsn = os.environ.get("WORKER_CORE_BENCH_DSN")
+    if dsn:
+        yield dsn
+        return
+    from worker_core.embedded import EmbeddedPostgres
+
+    with EmbeddedPostgres(settings={"max_connections": 200}) as server:
+        yield server.dsn
+
+
+def new_schema(prefix: str = "bench") -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:8]}"
+
+
+def drop_schema(dsn: str, schema: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+
+
+def server_version(dsn: str) -> str:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute("SHOW server_version").fetchone()
+    return str(row[0]) if row else "?"
+
+
+def summary(values: list[float]) -> str:
+    return f"median {statistics.median(values):,.0f} (range {min(values):,.0f}-{max(values):,.0f})"

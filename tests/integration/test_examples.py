@@ -1,0 +1,37 @@
+"""Every example in examples/ runs against the test database and does what it says."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+
+EXAMPLES = Path(__file__).parents[2] / "examples"
+
+
+def run_example(name: str, pg_dsn: str, *args: str) -> str:
+    env = {**os.environ, "WORKER_CORE_DATABASE__DSN": pg_dsn}
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / name), *args],
+        capture_output=True, text=True, env=env, timeout=120, check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def drop_schema(pg_dsn: str, schema: str) -> None:
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+
+
+def test_quickstart(pg_dsn: str) -> None:
+    try:
+        out = run_example("quickstart.py", pg_dsn)
+    finally:
+        drop_schema(pg_dsn, "quickstart")
+    assert "succeeded, 2 words" in out
+    assert "dead (empty document)" in out
