@@ -578,6 +578,7 @@ class Queue:
             cur = await conn.execute(
                 self._sql["prune"],
                 {
+                    "schema": self.schema,
                     "retention": retention_seconds,
                     "dead_retention": dead_retention_seconds,
                     "limit": int(limit),

@@ -349,6 +349,7 @@ class BaseWorker(abc.ABC):
                 asyncio.create_task(self._flusher.run(), name="worker_core.flusher"),
                 asyncio.create_task(self._heartbeat_loop(), name="worker_core.heartbeat"),
                 asyncio.create_task(self._listen_loop(), name="worker_core.listener"),
+                asyncio.create_task(self._maintenance_loop(), name="worker_core.maintenance"),
             ]
             if self.config.health.http_port is not None:
                 from .health import HealthServer
@@ -948,6 +949,43 @@ class BaseWorker(abc.ABC):
         if lost:  # claimed ahead but never started: simply forget them
             self._buffer = collections.deque(j for j in self._buffer if j.id not in lost)
             self.metrics.lease_lost(len(lost))
+
+    async def _maintenance_loop(self) -> None:
+        settings = self.config.maintenance
+        if settings.retention_seconds is None and settings.dead_retention_seconds is None:
+            return
+        # Start at a random point of the interval so a fleet started together spreads out.
+        await asyncio.sleep(settings.interval * self._rng.random())
+        while True:
+            try:
+                await self.prune()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.logger.warning(
+                    "pruning finished jobs failed",
+                    error=redact_text(str(exc)),
+                    error_type=type(exc).__name__,
+                )
+            await asyncio.sleep(settings.interval)
+
+    async def prune(self, *, max_batches: int = 20) -> int:
+        """Delete finished jobs past retention, up to ``max_batches`` batches; returns rows."""
+        assert self.queue is not None
+        settings = self.config.maintenance
+        total = 0
+        for _ in range(max_batches):
+            deleted = await self.queue.prune(
+                retention_seconds=settings.retention_seconds,
+                dead_retention_seconds=settings.dead_retention_seconds,
+                limit=settings.batch_size,
+            )
+            total += deleted
+            if deleted < settings.batch_size:
+                break
+        if total:
+            self.logger.info("pruned finished jobs", deleted=total)
+        return total
 
     async def _rescue(self) -> None:
         assert self.queue is not None

@@ -179,13 +179,19 @@ SELECT pg_notify(%(channel)s, %(queue)s)
 SELECT min(run_at) AS run_at FROM {schema}.jobs WHERE queue = %(queue)s AND status = 'queued'
 
 -- name: prune
--- Retention: deletes finished jobs older than the cutoffs, a bounded batch at a time.
-WITH doomed AS (
+-- Retention: deletes finished jobs older than the cutoffs, a bounded batch at a
+-- time, oldest first. Only one worker of the fleet prunes at a time (the others
+-- find the advisory lock taken and delete nothing).
+WITH lock AS (
+    SELECT pg_try_advisory_xact_lock(hashtext('worker_core.prune'), hashtext(%(schema)s)) AS held
+), doomed AS (
     SELECT id FROM {schema}.jobs
-    WHERE (status IN ('succeeded', 'cancelled')
-           AND finished_at < now() - %(retention)s::float8 * interval '1 second')
-       OR (status = 'dead' AND %(dead_retention)s::float8 IS NOT NULL
-           AND finished_at < now() - %(dead_retention)s::float8 * interval '1 second')
+    WHERE (SELECT held FROM lock)
+      AND status IN ('succeeded', 'cancelled', 'dead')
+      AND ((status <> 'dead'
+            AND finished_at < now() - %(retention)s::float8 * interval '1 second')
+        OR (status = 'dead'
+            AND finished_at < now() - %(dead_retention)s::float8 * interval '1 second'))
     ORDER BY finished_at
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED

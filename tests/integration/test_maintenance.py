@@ -1,0 +1,124 @@
+"""Retention and the claim index on a large table."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from psycopg import sql
+
+from worker_core import BaseWorker, JobStatus, Queue, StageContext, WorkerConfig
+
+
+class Noop:
+    name = "noop"
+
+    async def run(self, ctx: StageContext) -> None:
+        return None
+
+
+class NoopWorker(BaseWorker):
+    def stages(self) -> list[Any]:
+        return [Noop()]
+
+
+async def execute(queue: Queue, statement: str, *args: Any) -> list[Any]:
+    async with queue.connection() as conn:
+        cur = await conn.execute(
+            sql.SQL(statement).format(schema=sql.Identifier(queue.schema)),  # type: ignore[arg-type]
+            args or None,
+        )
+        return await cur.fetchall() if cur.description else []
+
+
+async def backdate(queue: Queue, ids: list[int], seconds: int) -> None:
+    await execute(
+        queue,
+        "UPDATE {schema}.jobs SET finished_at = now() - %s * interval '1 second' "
+        "WHERE id = ANY(%s)",
+        seconds,
+        ids,
+    )
+
+
+async def finish_all(queue: Queue, config: WorkerConfig) -> None:
+    await NoopWorker(config).run(until_empty=True, install_signal_handlers=False)
+
+
+async def test_prune_respects_retention_per_status(
+    queue: Queue, make_config: Callable[..., WorkerConfig]
+) -> None:
+    old = await queue.enqueue_many([{"old": i} for i in range(30)])
+    fresh = await queue.enqueue_many([{"fresh": i} for i in range(5)])
+    config = make_config(maintenance={"retention_seconds": 3600, "batch_size": 7})
+    await finish_all(queue, config)
+    cancelled = await queue.enqueue({"c": 1})
+    assert await queue.cancel(cancelled)
+    await backdate(queue, [*old, cancelled], 7200)
+    worker = NoopWorker(config)
+    worker.queue = queue
+    assert await worker.prune() == 31  # five batches of 7, the last one short
+    for job_id in old:
+        assert await queue.get(job_id) is None
+    for job_id in fresh:
+        job = await queue.get(job_id)
+        assert job is not None
+        assert job.status is JobStatus.SUCCEEDED
+    assert await worker.prune() == 0
+
+
+async def test_dead_jobs_are_kept_unless_configured(queue: Queue) -> None:
+    [job_id] = await queue.enqueue_many([{}])
+    [job] = await queue.claim("w", 1, lease_seconds=30)
+    from worker_core.queue import Outcome
+
+    await queue.finish("w", [Outcome(job.id, job.attempt, JobStatus.DEAD, None, error="{}")])
+    await backdate(queue, [job_id], 10 * 86400)
+    assert await queue.prune(retention_seconds=60, dead_retention_seconds=None) == 0
+    assert await queue.prune(retention_seconds=60, dead_retention_seconds=86400) == 1
+
+
+async def test_only_one_pruner_at_a_time(queue: Queue) -> None:
+    ids = await queue.enqueue_many([{} for _ in range(3)])
+    for job_id in ids:
+        assert await queue.cancel(job_id)
+    await backdate(queue, ids, 7200)
+    async with queue.connection() as conn, conn.transaction():
+        await conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtext('worker_core.prune'), hashtext(%s))",
+            (queue.schema,),
+        )
+        assert await queue.prune(retention_seconds=60) == 0  # another pruner holds the lock
+    assert await queue.prune(retention_seconds=60) == 3
+
+
+async def test_claim_uses_the_partial_index_with_a_large_backlog(queue: Queue) -> None:
+    # 200,000 finished jobs and 50,000 scheduled for later around 100 ready ones.
+    await execute(
+        queue,
+        "INSERT INTO {schema}.jobs (queue, status, payload, finished_at) "
+        "SELECT 'test', 'succeeded', '{{}}', now() FROM generate_series(1, 200000)",
+    )
+    await execute(
+        queue,
+        "INSERT INTO {schema}.jobs (queue, payload, run_at) "
+        "SELECT 'test', '{{}}', now() + interval '1 day' FROM generate_series(1, 50000)",
+    )
+    await queue.enqueue_many([{"ready": i} for i in range(100)])
+    await execute(queue, "ANALYZE {schema}.jobs")
+    plan = "\n".join(await _explain(queue))
+    assert "jobs_claim_idx" in plan, plan
+    assert "Seq Scan" not in plan, plan
+    jobs = await queue.claim("w", 10, lease_seconds=30)
+    assert len(jobs) == 10
+    assert all("ready" in j.payload for j in jobs)
+
+
+async def _explain(queue: Queue) -> list[str]:
+    """The plan of the worker's own claim statement, as it runs."""
+    async with queue.connection() as conn:
+        cur = await conn.execute(
+            b"EXPLAIN " + queue._sql["claim"],
+            {"queue": "test", "limit": 10, "owner": "w", "lease": 30.0},
+        )
+        return [r[0] for r in await cur.fetchall()]
