@@ -595,6 +595,12 @@ class Queue:
         assert row is not None
         return {key: float(value or 0) for key, value in row.items()}
 
+    async def stage_counts(self, queue: str | None = None) -> list[tuple[str, str, int]]:
+        """``(status, last completed stage or "-", count)`` rows, for operators."""
+        async with self.connection() as conn:
+            cur = await conn.execute(self._sql["stage_counts"], {"queue": queue})
+            return [(r[0], r[1], int(r[2])) for r in await cur.fetchall()]
+
     async def table_health(self) -> dict[str, Any]:
         """Dead tuples on the jobs table and the oldest snapshot holding back vacuum."""
         async with self.connection() as conn:

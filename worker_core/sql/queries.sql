@@ -223,3 +223,11 @@ SELECT s.n_live_tup, s.n_dead_tup, s.last_autovacuum, s.last_vacuum,
        (SELECT max(age(r.xmin)) FROM pg_replication_slots AS r) AS oldest_slot_xmin_age
 FROM pg_stat_user_tables AS s
 WHERE s.schemaname = %(schema)s AND s.relname = 'jobs'
+
+-- name: stage_counts
+-- For `worker-core status`: jobs by status and last completed stage.
+SELECT status, coalesce(stage, '-') AS stage, count(*) AS n
+FROM {schema}.jobs
+WHERE (%(queue)s::text IS NULL OR queue = %(queue)s)
+GROUP BY status, stage
+ORDER BY status, stage

@@ -1,0 +1,396 @@
+"""The ``worker-core`` command (also ``python -m worker_core``).
+
+Configuration comes from the environment (``WORKER_CORE_...``) and the flags,
+which win. Every failure prints one clear line on stderr and exits non-zero;
+``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import json
+import logging
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+__all__ = ["main"]
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNHEALTHY = 0, 1, 2, 3
+
+
+class CommandError(Exception):
+    """A failure the user can act on; printed as one line."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="worker-core",
+        description="Operate worker_core queues: migrate, enqueue, run workers, inspect.",
+    )
+    parser.add_argument("--dsn", help="PostgreSQL DSN (default: WORKER_CORE_DATABASE__DSN)")
+    parser.add_argument("--schema", help="schema holding the tables (default: worker_core)")
+    parser.add_argument("--queue", dest="queue_name", help="queue name (default: 'default')")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("migrate", help="install or upgrade the schema (idempotent)")
+    vector = p.add_mutually_exclusive_group()
+    vector.add_argument(
+        "--vector",
+        dest="vector",
+        action="store_true",
+        default=None,
+        help="require pgvector for embeddings",
+    )
+    vector.add_argument(
+        "--no-vector", dest="vector", action="store_false", help="store embeddings as real[]"
+    )
+
+    p = sub.add_parser("enqueue", help="add jobs from JSON arguments, a file or stdin")
+    p.add_argument("payloads", nargs="*", metavar="JSON", help="one JSON object per job")
+    p.add_argument("--file", "-f", help="a JSON-lines file (one object per line), or - for stdin")
+    p.add_argument("--priority", type=int, default=0)
+    p.add_argument("--delay", type=float, default=None, help="seconds before the jobs are ready")
+    p.add_argument("--max-attempts", type=int, default=None)
+    p.add_argument("--dedupe-key", default=None, help="for a single job")
+    p.add_argument("--batch", type=int, default=10_000, help="jobs per statement")
+
+    p = sub.add_parser("run", help="run a worker class until stopped")
+    p.add_argument("target", metavar="MODULE:CLASS", help="e.g. myapp.workers:IngestWorker")
+    p.add_argument("--until-empty", action="store_true", help="exit when no job is ready")
+    p.add_argument("--concurrency", type=int, default=None)
+    p.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING, ...")
+
+    p = sub.add_parser("status", help="counts by status and stage, oldest ready job")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--all-queues", action="store_true")
+
+    p = sub.add_parser("dead-letters", help="list or requeue dead jobs")
+    dl = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    q = dl.add_parser("list", help="the newest dead jobs with their last error")
+    q.add_argument("--limit", type=int, default=20)
+    q.add_argument("--json", action="store_true")
+    q = dl.add_parser("requeue", help="move dead jobs back to queued")
+    q.add_argument("ids", nargs="*", type=int)
+    q.add_argument("--all", action="store_true", help="every dead job of the queue")
+
+    p = sub.add_parser("health", help="check the database and queue; exit 3 when unhealthy")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("demo", help="ingest sample documents on an embedded PostgreSQL")
+    p.add_argument("--documents", type=int, default=12)
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="embedded PostgreSQL data directory (kept between runs)",
+    )
+    p.add_argument("--storage-dir", type=Path, default=None)
+    return parser
+
+
+def load_config(args: argparse.Namespace, **queue: Any) -> Any:
+    """WorkerConfig from the environment, with the flags given on top (sections merge)."""
+    from pydantic import ValidationError
+
+    from .config import WorkerConfig
+
+    overrides: dict[str, Any] = {}
+    database = {k: v for k, v in (("dsn", args.dsn), ("schema", args.schema)) if v}
+    if database:
+        overrides["database"] = database
+    queue_section = {k: v for k, v in queue.items() if v is not None}
+    if args.queue_name:
+        queue_section["name"] = args.queue_name
+    if queue_section:
+        overrides["queue"] = queue_section
+    try:
+        return WorkerConfig(**overrides)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "config"
+        raise CommandError(f"invalid configuration: {where}: {first['msg']}") from None
+
+
+def require_dsn(config: Any) -> None:
+    if config.database.dsn is None:
+        raise CommandError("no database: pass --dsn or set WORKER_CORE_DATABASE__DSN")
+
+
+# -- commands ------------------------------------------------------------------------
+async def cmd_migrate(args: argparse.Namespace, out: IO[str]) -> int:
+    from .queue import Queue
+
+    config = load_config(args)
+    require_dsn(config)
+    async with Queue(config) as queue:
+        applied = await queue.migrate(vector=args.vector)
+        version = await queue.schema_version()
+    if applied:
+        out.write(
+            f"schema {config.database.schema!r}: applied {applied}, now at version {version}\n"
+        )
+    else:
+        out.write(f"schema {config.database.schema!r} is up to date (version {version})\n")
+    return EXIT_OK
+
+
+def read_payloads(args: argparse.Namespace, stdin: IO[str]) -> Iterator[tuple[str, Any]]:
+    for i, text in enumerate(args.payloads, 1):
+        yield f"argument {i}", text
+    if args.file:
+        handle = stdin if args.file == "-" else Path(args.file).open(encoding="utf-8")  # noqa: SIM115
+        try:
+            for n, line in enumerate(handle, 1):
+                if line.strip():
+                    yield f"{'stdin' if args.file == '-' else args.file} line {n}", line
+        finally:
+            if handle is not stdin:
+                handle.close()
+
+
+def parse_payload(where: str, text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CommandError(f"invalid JSON in {where}: {exc.msg} at column {exc.colno}") from None
+    if not isinstance(value, dict):
+        raise CommandError(f"{where} must be a JSON object, not {type(value).__name__}")
+    return value
+
+
+async def cmd_enqueue(args: argparse.Namespace, out: IO[str], stdin: IO[str]) -> int:
+    from .queue import Queue
+
+    payloads = [parse_payload(where, text) for where, text in read_payloads(args, stdin)]
+    if not payloads:
+        raise CommandError("nothing to enqueue: give JSON arguments, --file FILE or --file -")
+    if args.dedupe_key and len(payloads) > 1:
+        raise CommandError("--dedupe-key applies to a single job")
+    config = load_config(args)
+    require_dsn(config)
+    ids: list[int] = []
+    async with Queue(config) as queue:
+        with _progress(len(payloads), "enqueue", enabled=len(payloads) > args.batch) as bar:
+            for start in range(0, len(payloads), max(1, args.batch)):
+                chunk = payloads[start : start + max(1, args.batch)]
+                ids += await queue.enqueue_many(
+                    chunk,
+                    priority=args.priority,
+                    run_at=args.delay,
+                    max_attempts=args.max_attempts,
+                    dedupe_keys=[args.dedupe_key] if args.dedupe_key else None,
+                )
+                bar.update(len(chunk))
+    if len(ids) <= 20:
+        out.write(" ".join(str(i) for i in ids) + "\n")
+    else:
+        out.write(f"enqueued {len(ids)} jobs ({ids[0]}..{ids[-1]}) on {config.queue.name!r}\n")
+    return EXIT_OK
+
+
+def load_worker_class(target: str) -> type[Any]:
+    from .worker import BaseWorker
+
+    module_name, sep, class_name = target.partition(":")
+    if not sep or not module_name or not class_name:
+        raise CommandError(f"expected MODULE:CLASS, got {target!r}")
+    if "" not in sys.path and "." not in sys.path:
+        sys.path.insert(0, "")  # like `python -m`: the current directory is importable
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise CommandError(f"cannot import {module_name!r}: {exc}") from None
+    cls = getattr(module, class_name, None)
+    if cls is None:
+        raise CommandError(f"module {module_name!r} has no attribute {class_name!r}")
+    if not isinstance(cls, type) or not issubclass(cls, BaseWorker):
+        raise CommandError(f"{target} is not a BaseWorker subclass")
+    if getattr(cls, "__abstractmethods__", None):
+        raise CommandError(f"{target} is abstract: implement stages()")
+    return cls
+
+
+async def cmd_run(args: argparse.Namespace, out: IO[str]) -> int:
+    from .logs import configure_logging, unconfigure_logging
+
+    cls = load_worker_class(args.target)
+    config = load_config(args, concurrency=args.concurrency)
+    require_dsn(config)
+    root = logging.getLogger()
+    level = root.level
+    configure_logging(
+        args.log_level or config.logging.level, config.logging.format, secrets=config.secrets()
+    )
+    try:
+        worker = cls(config)
+        await worker.run(until_empty=args.until_empty)
+    finally:  # leave logging as found, for callers that run the command in-process
+        unconfigure_logging()
+        root.setLevel(level)
+    out.write(json.dumps(worker.metrics.summary()) + "\n")
+    return EXIT_OK
+
+
+async def cmd_status(args: argparse.Namespace, out: IO[str]) -> int:
+    from .queue import Queue
+
+    config = load_config(args)
+    require_dsn(config)
+    name = None if args.all_queues else config.queue.name
+    async with Queue(config) as queue:
+        counts = await queue.stats(name)
+        stages = await queue.stage_counts(name)
+        depth = await queue.depth() if name else None
+        dead = await queue.dead_letters(name, limit=5)
+    report = {
+        "schema": config.database.schema,
+        "queue": name or "*",
+        "counts": counts,
+        "by_stage": [{"status": s, "stage": st, "jobs": n} for s, st, n in stages],
+        "oldest_ready_seconds": round(depth["oldest_ready_age"], 3) if depth else None,
+        "recent_dead_letters": [_dead_summary(job) for job in dead],
+    }
+    if args.json:
+        out.write(json.dumps(report, default=str) + "\n")
+        return EXIT_OK
+    out.write(f"queue {report['queue']!r} in schema {report['schema']!r}\n")
+    out.write("  " + "  ".join(f"{k}={v}" for k, v in counts.items()) + "\n")
+    if depth:
+        out.write(
+            f"  ready={int(depth['ready'])} scheduled={int(depth['scheduled'])} "
+            f"oldest ready job waited {depth['oldest_ready_age']:.1f}s\n"
+        )
+    for status, stage, n in stages:
+        out.write(f"  {status:<10} last stage {stage:<20} {n}\n")
+    for item in report["recent_dead_letters"]:
+        out.write(f"  dead #{item['id']} at stage {item['stage']}: {item['error']}\n")
+    return EXIT_OK
+
+
+def _dead_summary(job: Any) -> dict[str, Any]:
+    error = job.last_error or {}
+    return {
+        "id": job.id,
+        "stage": error.get("stage") or job.stage,
+        "attempt": job.attempt,
+        "error": f"{error.get('type', '?')}: {error.get('message', '')}"[:300],
+        "correlation_id": job.correlation_id,
+    }
+
+
+async def cmd_dead_letters(args: argparse.Namespace, out: IO[str]) -> int:
+    from .queue import Queue
+
+    config = load_config(args)
+    require_dsn(config)
+    async with Queue(config) as queue:
+        if args.action == "list":
+            jobs = await queue.dead_letters(config.queue.name, limit=args.limit)
+            if args.json:
+                rows = [
+                    {**_dead_summary(j), "payload": j.payload, "errors": j.errors} for j in jobs
+                ]
+                out.write(json.dumps(rows, default=str) + "\n")
+            elif not jobs:
+                out.write(f"no dead jobs on {config.queue.name!r}\n")
+            else:
+                for job in jobs:
+                    item = _dead_summary(job)
+                    out.write(
+                        f"#{item['id']} stage={item['stage']} attempt={item['attempt']} "
+                        f"{item['error']}\n"
+                    )
+            return EXIT_OK
+        if args.all == bool(args.ids):
+            raise CommandError("give job ids to requeue, or --all (not both)")
+        ids = list(args.ids)
+        if args.all:
+            ids = [j.id for j in await queue.dead_letters(config.queue.name, limit=1_000_000)]
+        moved = await queue.requeue(ids)
+    out.write(f"requeued {moved} of {len(ids)} jobs\n")
+    return EXIT_OK
+
+
+async def cmd_health(args: argparse.Namespace, out: IO[str]) -> int:
+    from .health import HealthStatus, health_report_for_config
+
+    config = load_config(args)
+    require_dsn(config)
+    report = await health_report_for_config(config)
+    data = report.to_dict()
+    if args.json:
+        out.write(json.dumps(data, default=str) + "\n")
+    else:
+        out.write(f"{data['status']}\n")
+        for name, component in data.get("components", {}).items():
+            out.write(f"  {name}: {component.get('status')} {component.get('detail') or ''}\n")
+    return EXIT_UNHEALTHY if report.status == HealthStatus.UNHEALTHY else EXIT_OK
+
+
+async def cmd_demo(args: argparse.Namespace, out: IO[str]) -> int:
+    from .demo import run_demo
+
+    return await run_demo(args, out)
+
+
+# -- entry point ---------------------------------------------------------------------
+def main(
+    argv: Sequence[str] | None = None,
+    *,
+    stdin: IO[str] | None = None,
+    stdout: IO[str] | None = None,
+    stderr: IO[str] | None = None,
+) -> int:
+    """Run the command; returns the exit code."""
+    out, err, inp = stdout or sys.stdout, stderr or sys.stderr, stdin or sys.stdin
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse already printed its usage line
+        return int(exc.code or 0)
+    commands: dict[str, Any] = {
+        "migrate": lambda: cmd_migrate(args, out),
+        "enqueue": lambda: cmd_enqueue(args, out, inp),
+        "run": lambda: cmd_run(args, out),
+        "status": lambda: cmd_status(args, out),
+        "dead-letters": lambda: cmd_dead_letters(args, out),
+        "health": lambda: cmd_health(args, out),
+        "demo": lambda: cmd_demo(args, out),
+    }
+    try:
+        return int(asyncio.run(commands[args.command]()))
+    except KeyboardInterrupt:
+        err.write("interrupted\n")
+        return 130
+    except Exception as exc:
+        if args.debug:
+            raise
+        err.write(f"worker-core {args.command}: {_one_line(exc)}\n")
+        return EXIT_ERROR
+
+
+def _one_line(exc: BaseException) -> str:
+    from .redact import redact_text
+
+    if isinstance(exc, CommandError):
+        text = str(exc)
+    elif isinstance(exc, ConnectionError | OSError) or type(exc).__module__.startswith("psycopg"):
+        text = f"database error: {exc}"
+    else:
+        text = f"{type(exc).__name__}: {exc}"
+    return redact_text(" ".join(text.split()))[:500]
+
+
+def _progress(total: int, what: str, *, enabled: bool) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=what, unit="job", disable=not enabled, file=sys.stderr)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
