@@ -216,6 +216,8 @@ class BaseWorker(abc.ABC):
         self.last_loop_at: float | None = None
         self.last_claim_at: float | None = None
         self.listener_connected = False
+        #: How many times the LISTEN connection was (re)established.
+        self.listener_connects = 0
         self._given_pool = pool
         self._pool: AsyncConnectionPool | None = None
         self._registry: Any = None
@@ -1019,6 +1021,7 @@ class BaseWorker(abc.ABC):
                 )
                 await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.queue.channel)))
                 self.listener_connected = True
+                self.listener_connects += 1
                 delay = 0.1
                 self._maybe_work = True  # catch up on what was sent while disconnected
                 self._wake.set()
