@@ -67,10 +67,13 @@ def _validate_dsn(value: str) -> str:
     elif "=" not in text:
         raise ValueError("must be a postgresql:// URL or a libpq key=value string")
     try:
-        conninfo_to_dict(text)
+        params = conninfo_to_dict(text)
     except Exception as exc:  # psycopg.ProgrammingError; its text may quote the DSN
         reason = str(exc).split('"', 1)[0].split(" in URI", 1)[0].strip().rstrip(":")
         raise ValueError(f"is not a valid PostgreSQL connection string ({reason})") from None
+    for port in str(params.get("port") or "").split(","):
+        if port and not (port.isdigit() and 0 < int(port) < 65536):
+            raise ValueError(f"has an invalid port {port[:10]!r} (expected 1-65535)")
     return text
 
 
