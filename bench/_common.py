@@ -11,6 +11,7 @@ import statistics
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -45,3 +46,18 @@ def server_version(dsn: str) -> str:
 
 def summary(values: list[float]) -> str:
     return f"median {statistics.median(values):,.0f} (range {min(values):,.0f}-{max(values):,.0f})"
+
+
+def run(coro: Any) -> Any:
+    """Run ``coro`` on uvloop when installed (as `worker-core run` does), else asyncio."""
+    import asyncio
+
+    try:
+        import uvloop
+    except ImportError:
+        factory = None
+    else:
+        factory = uvloop.new_event_loop
+    print(f"event loop: {'uvloop' if factory else 'asyncio'}")
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(coro)

@@ -14,7 +14,7 @@ import json
 import statistics
 import time
 
-from _common import database, drop_schema, new_schema, server_version, summary
+from _common import database, drop_schema, new_schema, run, server_version, summary
 from psycopg import AsyncConnection, sql
 
 from worker_core import Queue, WorkerConfig
@@ -70,7 +70,9 @@ async def main(jobs: int, repeat: int) -> None:
     ratio = statistics.median(lib) / statistics.median(raw)
     print(f"raw INSERT ... SELECT FROM unnest: {summary(raw)} jobs/s")
     print(f"Queue.enqueue_many:               {summary(lib)} jobs/s")
-    print(f"ratio enqueue_many / raw: {ratio:.2f} (target >= 0.80) {'OK' if ratio >= 0.8 else 'MISSED'}")
+    print(
+        f"ratio enqueue_many / raw: {ratio:.2f} (target >= 0.80) {'OK' if ratio >= 0.8 else 'MISSED'}"
+    )
 
 
 if __name__ == "__main__":
@@ -78,4 +80,4 @@ if __name__ == "__main__":
     parser.add_argument("--jobs", type=int, default=100_000)
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
-    asyncio.run(main(args.jobs, args.repeat))
+    run(main(args.jobs, args.repeat))

@@ -17,7 +17,7 @@ import statistics
 import time
 from typing import Any
 
-from _common import database, drop_schema, new_schema, server_version, summary
+from _common import database, drop_schema, new_schema, run, server_version, summary
 from psycopg import AsyncConnection, sql
 
 from worker_core import BaseWorker, Queue, StageContext, WorkerConfig
@@ -164,14 +164,18 @@ async def main(jobs: int, repeat: int, concurrencies: list[int], samples: int) -
         for c in concurrencies:
             ratio = statistics.median(lib[c]) / ceiling
             verdict = "OK" if ratio >= 0.30 else "MISSED"
-            print(f"worker_core, concurrency {c:>3}: {summary(lib[c])} jobs/s; "
-                  f"{ratio:.0%} of raw (target >= 30%) {verdict}")
+            print(
+                f"worker_core, concurrency {c:>3}: {summary(lib[c])} jobs/s; "
+                f"{ratio:.0%} of raw (target >= 30%) {verdict}"
+            )
         lat = await latency(dsn, samples)
         p50 = statistics.median(lat)
         p99 = statistics.quantiles(lat, n=100)[98]
-        print(f"enqueue-to-stage-start on an idle worker ({len(lat)} jobs): p50 {p50:.2f} ms, "
-              f"p99 {p99:.2f} ms, max {max(lat):.2f} ms (target p50 < 5 ms) "
-              f"{'OK' if p50 < 5 else 'MISSED'}")
+        print(
+            f"enqueue-to-stage-start on an idle worker ({len(lat)} jobs): p50 {p50:.2f} ms, "
+            f"p99 {p99:.2f} ms, max {max(lat):.2f} ms (target p50 < 5 ms) "
+            f"{'OK' if p50 < 5 else 'MISSED'}"
+        )
 
 
 if __name__ == "__main__":
@@ -181,4 +185,4 @@ if __name__ == "__main__":
     parser.add_argument("--concurrency", type=int, nargs="+", default=[10, 50])
     parser.add_argument("--samples", type=int, default=200)
     args = parser.parse_args()
-    asyncio.run(main(args.jobs, args.repeat, args.concurrency, args.samples))
+    run(main(args.jobs, args.repeat, args.concurrency, args.samples))

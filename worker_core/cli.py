@@ -363,7 +363,8 @@ def main(
         "demo": lambda: cmd_demo(args, out),
     }
     try:
-        return int(asyncio.run(commands[args.command]()))
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            return int(runner.run(commands[args.command]()))
     except KeyboardInterrupt:
         err.write("interrupted\n")
         return 130
@@ -372,6 +373,15 @@ def main(
             raise
         err.write(f"worker-core {args.command}: {_one_line(exc)}\n")
         return EXIT_ERROR
+
+
+def _loop_factory() -> Any:
+    """uvloop's event loop when installed (the `fast` extra), else asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 def _one_line(exc: BaseException) -> str:
