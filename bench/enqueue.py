@@ -9,7 +9,6 @@ same jobs table; each is repeated and the median taken. Target: ratio >= 0.8.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import statistics
 import time
