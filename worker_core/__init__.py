@@ -61,6 +61,8 @@ _EXPORTS: dict[str, str] = {
 
 __all__ = [
     "BaseWorker",
+    "Chunk",
+    "ChunkWriter",
     "CircuitOpenError",
     "ErrorKind",
     "Job",
@@ -75,6 +77,8 @@ __all__ = [
     "TransientError",
     "WorkerConfig",
     "WorkerCoreError",
+    "WriteResult",
+    "chunk_id",
     "configure_logging",
 ]
 

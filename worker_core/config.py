@@ -33,6 +33,7 @@ __all__ = [
     "Dsn",
     "EmbeddingSettings",
     "HealthSettings",
+    "IngestSettings",
     "LoggingSettings",
     "MaintenanceSettings",
     "QueueSettings",
@@ -259,6 +260,23 @@ class EmbeddingSettings(_Section):
         return self
 
 
+class IngestSettings(_Section):
+    """The reference DocumentWorker's chunking and batching."""
+
+    chunk_size: int = Field(default=1000, ge=1, description="characters per chunk")
+    chunk_overlap: int = Field(default=100, ge=0, description="characters shared by neighbours")
+    batch_size: int = Field(default=500, ge=1, description="chunks written per statement")
+    checkpoint_every: float = Field(
+        default=1.0, ge=0, description="seconds between cursor checkpoints of the chunk stage"
+    )
+
+    @model_validator(mode="after")
+    def _check_overlap(self) -> IngestSettings:
+        if self.chunk_overlap >= self.chunk_size:
+            raise ValueError("chunk_overlap must be < chunk_size")
+        return self
+
+
 class LoggingSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     format: Literal["json", "console"] = "json"
@@ -308,6 +326,7 @@ class WorkerConfig(BaseSettings):
     rate_limits: dict[str, RateLimitSettings] = Field(default_factory=dict)
     storage: StorageSettings = Field(default_factory=StorageSettings)
     embedding: EmbeddingSettings = Field(default_factory=EmbeddingSettings)
+    ingest: IngestSettings = Field(default_factory=IngestSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     health: HealthSettings = Field(default_factory=HealthSettings)
     maintenance: MaintenanceSettings = Field(default_factory=MaintenanceSettings)

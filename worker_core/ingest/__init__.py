@@ -1,0 +1,59 @@
+"""The reference ingestion pipeline: storage, chunking, embedding and DocumentWorker.
+
+``from worker_core.ingest import DocumentWorker, LocalStorage, S3Storage, Chunker``.
+Names are imported on first use (PEP 562), so importing the package pulls in
+neither aiobotocore nor aiohttp until a backend that needs them is used.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .chunker import ChunkCursor, Chunker, TextChunk
+    from .document_worker import DocumentWorker
+    from .embedders import Embedder, HashingEmbedder
+    from .http_embedder import HttpEmbedder
+    from .storage import LocalStorage, S3Storage, Storage, storage_from_config
+
+_EXPORTS: dict[str, str] = {
+    "ChunkCursor": "chunker",
+    "Chunker": "chunker",
+    "DocumentWorker": "document_worker",
+    "Embedder": "embedders",
+    "HashingEmbedder": "embedders",
+    "HttpEmbedder": "http_embedder",
+    "LocalStorage": "storage",
+    "S3Storage": "storage",
+    "Storage": "storage",
+    "TextChunk": "chunker",
+    "storage_from_config": "storage",
+}
+
+__all__ = [
+    "ChunkCursor",
+    "Chunker",
+    "DocumentWorker",
+    "Embedder",
+    "HashingEmbedder",
+    "HttpEmbedder",
+    "LocalStorage",
+    "S3Storage",
+    "Storage",
+    "TextChunk",
+    "storage_from_config",
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'worker_core.ingest' has no attribute {name!r}")
+    value = getattr(import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
