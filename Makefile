@@ -18,7 +18,7 @@ test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q
 
 demo: $(VENV)/.installed
-	$(BIN)/python examples/quickstart.py
+	$(BIN)/worker-core demo
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check worker_core tests bench examples

