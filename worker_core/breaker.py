@@ -185,6 +185,11 @@ class CircuitBreaker:
         return self._store is not None
 
     @property
+    def store(self) -> FleetStore | None:
+        """The FleetStore sharing this breaker's state (tune ``sync_interval`` there)."""
+        return self._store
+
+    @property
     def state(self) -> CircuitState:
         """The state; an open circuit whose reset timeout passed reads ``HALF_OPEN``."""
         with self._cb._lock:
