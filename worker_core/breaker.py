@@ -16,6 +16,7 @@ the fleet table while the worker runs.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import enum
 import inspect
@@ -156,6 +157,7 @@ class CircuitBreaker:
         self._fleet_generation = 0
         self._fleet_failures = 0
         self._fleet_permit = False
+        self._gate: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
         # pybreaker keeps the state, counters and listeners; its own exclusion list
         # stays empty because it would count excluded errors as successes.
         self._cb = pybreaker.CircuitBreaker(
@@ -253,6 +255,29 @@ class CircuitBreaker:
             CircuitOpenError: the circuit is open, or its trial permits are taken;
                 ``fn`` was not called.
         """
+        gate = self._suspect_gate()
+        if gate is not None:
+            await gate.acquire()
+        try:
+            return await self._call(fn, *args, **kwargs)
+        finally:
+            if gate is not None:
+                gate.release()
+
+    def _suspect_gate(self) -> asyncio.Lock | None:
+        """While a closed circuit has counted failures, this worker's calls go one at a
+        time: each is admitted on the verdict of the one before (and, fleet-wide, on
+        a fresh read), so an outage costs fail_max calls, not fail_max + concurrency."""
+        if self._cb.current_state != _CLOSED or self.fail_max <= 1:
+            return None
+        if max(self._fleet_failures, self._cb.fail_counter) == 0:
+            return None
+        loop = asyncio.get_running_loop()
+        if self._gate is None or self._gate[0] is not loop:
+            self._gate = (loop, asyncio.Lock())  # a Lock belongs to one event loop
+        return self._gate[1]
+
+    async def _call(self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
         permit = await self._admit()
         try:
             pending = fn(*args, **kwargs)
@@ -441,10 +466,10 @@ class CircuitBreaker:
     def apply_fleet_row(self, row: FleetRow) -> None:
         """Fold a row of the fleet table into the local state (called by FleetStore)."""
         with self._cb._lock:
-            self._fleet_failures = row.failures
-            self._fleet_permit = row.mine
             if row.generation < self._fleet_generation:
                 return  # a read that started before a write we already applied
+            self._fleet_failures = row.failures
+            self._fleet_permit = row.mine
             newer = row.generation > self._fleet_generation
             first = self._fleet_generation == 0
             self._fleet_generation = row.generation
@@ -485,7 +510,10 @@ class BreakerRegistry:
         store: FleetStore | None = None,
     ) -> None:
         self.settings = settings or CircuitBreakerSettings()
-        self.store = store or FleetStore(clock=clock)
+        sync_interval = getattr(self.settings, "sync_interval", None)
+        self.store = store or FleetStore(
+            clock=clock, sync_interval=0.25 if sync_interval is None else float(sync_interval)
+        )
         self._clock = clock
         self._listeners: list[StateListener] = list(listeners)
         self._breakers: dict[str, CircuitBreaker] = {}

@@ -203,6 +203,12 @@ class CircuitBreakerSettings(_Section):
     fleet_wide: bool = Field(
         default=True, description="share breaker state through PostgreSQL across workers"
     )
+    sync_interval: float = Field(
+        default=0.25,
+        ge=0,
+        description="max age (s) of the cached fleet breaker state before admitting a call; "
+        "trips are also pushed at once with NOTIFY",
+    )
     overrides: dict[str, BreakerOverride] = Field(default_factory=dict)
 
 

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .logs import StructuredLogger
+from .queue import breaker_channel_name
 from .redact import redact_text
 from .sql import load_queries, render
 
@@ -101,6 +102,8 @@ class FleetStore:
         self.trial_lease = trial_lease
         self._clock: Clock = clock or time.monotonic
         self._db: Database | None = None
+        #: Where trips are announced (the worker's LISTEN connection hears them).
+        self.channel = ""
         self._sql: dict[str, bytes] = {}
         self._breakers: dict[str, CircuitBreaker] = {}
         self._ensured: set[str] = set()
@@ -126,6 +129,7 @@ class FleetStore:
     async def attach(self, db: Database) -> None:
         """Start sharing state through ``db`` (a Queue) and read the current state."""
         self._db = db
+        self.channel = breaker_channel_name(db.schema)
         self._sql = {
             name: render(text, db.schema).as_bytes(None)
             for name, text in load_queries("breakers.sql").items()
@@ -184,6 +188,7 @@ class FleetStore:
     async def record_failure(self, breaker: CircuitBreaker, *, trip: bool) -> FleetRow | None:
         params = self._params(breaker, trip=trip, fail_max=breaker.fail_max)
         params["reset_timeout"] = breaker.reset_timeout
+        params["channel"] = self.channel
         return self._one(breaker, await self._execute("record_failure", params, [breaker.name]))
 
     async def record_success(self, breaker: CircuitBreaker, *, trial: bool) -> FleetRow | None:

@@ -34,6 +34,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
+from multidict import CIMultiDict
 from structlog.contextvars import get_contextvars
 
 from .errors import PermanentError, RetryableError, TransientError
@@ -255,7 +256,7 @@ class ServiceClient:
             seconds=round(seconds, 6),
         )
         if status < 400:
-            return ServiceResponse(status, dict(resp_headers), body)
+            return ServiceResponse(status, CIMultiDict(resp_headers), body)
         detail["status"] = status
         message = f"{where} -> HTTP {status}"
         snippet = self._scrub(body[:_MAX_SNIPPET].decode("utf-8", errors="replace")).strip()

@@ -28,7 +28,7 @@ from .sql import load_queries, migrations, render
 if TYPE_CHECKING:
     from psycopg_pool import AsyncConnectionPool
 
-__all__ = ["Outcome", "Queue", "channel_name", "open_pool"]
+__all__ = ["Outcome", "Queue", "breaker_channel_name", "channel_name", "open_pool"]
 
 _ON_CONFLICT = sql.SQL(
     "ON CONFLICT (queue, dedupe_key) "
@@ -41,6 +41,14 @@ def channel_name(schema: str) -> str:
     name = f"worker_core_{schema}"
     if len(name) > 63:
         name = "worker_core_" + hashlib.sha1(schema.encode()).hexdigest()
+    return name
+
+
+def breaker_channel_name(schema: str) -> str:
+    """The channel on which a fleet breaker trip is announced (payload: its name)."""
+    name = f"worker_core_{schema}_breakers"
+    if len(name) > 63:
+        name = "worker_core_b_" + hashlib.sha1(schema.encode()).hexdigest()
     return name
 
 
@@ -127,6 +135,7 @@ class Queue:
         self.config = config
         self.schema = config.database.schema
         self.channel = channel_name(self.schema)
+        self.breaker_channel = breaker_channel_name(self.schema)
         self._pool = pool
         self._owns_pool = pool is None
         queries = load_queries()

@@ -342,8 +342,9 @@ class BaseWorker(abc.ABC):
             await self._check_schema()
             if install_signal_handlers:
                 restore_signals = self._install_signal_handlers()
-            if self._registry is not None and hasattr(self._registry, "attach"):
-                await self._registry.attach(self.queue)
+            # Attached from the first run on, so a breaker a stage creates later
+            # already shares the fleet's state.
+            await self._breaker_registry().attach(self.queue)
             await self.on_startup()
             self._hooks_started = True
             self._flusher = _Flusher(self, self.queue)
@@ -389,7 +390,7 @@ class BaseWorker(abc.ABC):
                     await self.on_shutdown()
                 except Exception:
                     self.logger.exception("on_shutdown hook failed")
-            if self._registry is not None and hasattr(self._registry, "detach"):
+            if self._registry is not None:
                 with contextlib.suppress(Exception):
                     await self._registry.detach()
         finally:
@@ -952,6 +953,13 @@ class BaseWorker(abc.ABC):
             self._buffer = collections.deque(j for j in self._buffer if j.id not in lost)
             self.metrics.lease_lost(len(lost))
 
+    def _breaker_tripped_elsewhere(self) -> None:
+        """Another worker opened a fleet breaker: read the fleet state now, not on the
+        next call, so this worker stops calling the dead service at once."""
+        store = getattr(self._registry, "store", None)
+        if store is not None and store.active:
+            store.spawn(store.refresh(max_age=0.0))
+
     async def _maintenance_loop(self) -> None:
         settings = self.config.maintenance
         if settings.retention_seconds is None and settings.dead_retention_seconds is None:
@@ -1010,6 +1018,7 @@ class BaseWorker(abc.ABC):
         assert self.queue is not None
         delay = 0.1
         name = self.config.queue.name
+        breaker_channel = self.queue.breaker_channel
         while True:
             conn = None
             try:
@@ -1019,7 +1028,8 @@ class BaseWorker(abc.ABC):
                     connect_timeout=max(1, int(self.config.database.connect_timeout)),
                     application_name=f"{self.config.database.application_name}.listen",
                 )
-                await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.queue.channel)))
+                for channel in (self.queue.channel, self.queue.breaker_channel):
+                    await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
                 self.listener_connected = True
                 self.listener_connects += 1
                 delay = 0.1
@@ -1027,7 +1037,9 @@ class BaseWorker(abc.ABC):
                 self._wake.set()
                 while True:
                     async for notice in conn.notifies(timeout=30.0):
-                        if notice.payload == name:
+                        if notice.channel == breaker_channel:
+                            self._breaker_tripped_elsewhere()
+                        elif notice.payload == name:
                             self._maybe_work = True
                             self._wake.set()
                     await conn.execute("SELECT 1")  # a dead connection shows here

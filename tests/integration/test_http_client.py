@@ -306,5 +306,7 @@ async def test_an_outage_defers_jobs_and_all_succeed_after_recovery(
     summary = worker.metrics.summary()
     assert summary["dead_lettered"] == 0 and summary["deferred"] >= 1
     failed_calls = len(service.requests) - 10
-    assert failed_calls == 2  # fail_max calls reached the dead service, then none
+    # fail_max calls reached the dead service, plus at most one already in flight on
+    # the other slot when the circuit opened; none after that.
+    assert 2 <= failed_calls <= 3
     assert worker.breaker("svc").state is CircuitState.CLOSED

@@ -57,12 +57,20 @@ WITH cur AS (
     WHERE b.name = cur.name
     RETURNING b.name, b.state, b.failures, b.generation, b.reopen_at, b.trial_owner,
               b.trial_expires_at, cur.trips AS changed
+), wake AS (
+    -- The first failure of a streak and the trip are pushed to every worker at once
+    -- (they LISTEN on this channel): after the first, each reads the shared state
+    -- before every call (it is suspect), after the trip each refuses at once. So no
+    -- worker keeps calling a dead service on a cached "closed" read.
+    SELECT pg_notify(%(channel)s, up.name) FROM up
+    WHERE (up.changed AND up.state = 'open') OR up.failures = 1
+    LIMIT 1
 )
 SELECT name, state, failures, generation,
        coalesce(greatest(extract(epoch FROM reopen_at - now()), 0), 0)::float8 AS remaining,
        coalesce(trial_owner = %(owner)s AND trial_expires_at > now(), false) AS mine,
        changed
-FROM up
+FROM up CROSS JOIN (SELECT count(*) FROM wake) AS w
 
 -- name: record_success
 -- A success resets the fleet's failure count; a successful trial closes the circuit
