@@ -72,6 +72,9 @@ _STATES = {
 class _Permit:
     generation: int
     trial: bool
+    #: clock() at admission: a success of a call admitted before the current failure
+    #: streak began says the service was up then, not that it is up now.
+    admitted_at: float = 0.0
 
 
 class _NotAwaitableError(TypeError):
@@ -158,6 +161,7 @@ class CircuitBreaker:
         self._fleet_failures = 0
         self._fleet_permit = False
         self._gate: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
+        self._streak_since: float | None = None  # clock() of the streak's first failure
         # pybreaker keeps the state, counters and listeners; its own exclusion list
         # stays empty because it would count excluded errors as successes.
         self._cb = pybreaker.CircuitBreaker(
@@ -322,7 +326,7 @@ class CircuitBreaker:
         with self._cb._lock:
             name = self._cb.state.name
             if name == _CLOSED:
-                return _Permit(self._generation, trial=False)
+                return _Permit(self._generation, trial=False, admitted_at=self._clock())
             now = self._clock()
             if name == _OPEN and now < self._reopen_at:
                 raise self._rejection(self._reopen_at - now)
@@ -355,10 +359,10 @@ class CircuitBreaker:
             name = self._cb.state.name
             if name == _CLOSED:  # the fleet closed it while we asked
                 self._trials -= 1
-                return _Permit(self._generation, trial=False)
+                return _Permit(self._generation, trial=False, admitted_at=self._clock())
             if name == _OPEN:
                 self._cb.half_open()
-            return _Permit(self._generation, trial=True)
+            return _Permit(self._generation, trial=True, admitted_at=self._clock())
 
     def _end(self, permit: _Permit) -> bool:
         """Free the permit's trial slot; False when the state moved since admission."""
@@ -378,6 +382,8 @@ class CircuitBreaker:
             except pybreaker.CircuitBreakerError:
                 pass  # pybreaker signals the trip by raising; the caller gets exc instead
             tripped = before != _OPEN and self._cb.state.name == _OPEN
+            if self._streak_since is None:
+                self._streak_since = self._clock()
         store = self._store
         if store is not None and store.active:
             row = await store.record_failure(self, trip=tripped)
@@ -389,6 +395,14 @@ class CircuitBreaker:
             if not self._end(permit):
                 return
             before = self._cb.state.name
+            if (
+                before == _CLOSED
+                and not permit.trial
+                and self._streak_since is not None
+                and permit.admitted_at < self._streak_since
+            ):
+                return  # a call admitted before the failures began: no news about now
+            self._streak_since = None
             had_failures = self._cb.fail_counter > 0 or self._fleet_failures > 0
             self._cb.state._handle_success()
             closed_now = before != _CLOSED and self._cb.state.name == _CLOSED
@@ -423,6 +437,8 @@ class CircuitBreaker:
         if old == new:
             return
         self._generation += 1
+        if new == _CLOSED:
+            self._streak_since = None
         if new == _OPEN:
             self._reopen_at = (
                 self._next_reopen_at
@@ -470,6 +486,10 @@ class CircuitBreaker:
                 return  # a read that started before a write we already applied
             self._fleet_failures = row.failures
             self._fleet_permit = row.mine
+            if row.failures == 0:
+                self._streak_since = None
+            elif self._streak_since is None:
+                self._streak_since = self._clock()  # learnt of a fleet streak just now
             newer = row.generation > self._fleet_generation
             first = self._fleet_generation == 0
             self._fleet_generation = row.generation

@@ -438,3 +438,46 @@ def test_breaker_queries_render_for_any_schema() -> None:
         rendered = render(text, 'odd"schema').as_string(None)
         assert "{schema}" not in rendered and '"odd""schema".breakers' in rendered
     assert any(m.name == "breakers" for m in migrations())
+
+
+async def test_success_of_a_call_admitted_before_the_failures_does_not_reset_them(
+    clock: FakeClock,
+) -> None:
+    breaker = make(clock, fail_max=3)
+    slow = Service()
+    slow.gate = asyncio.Event()
+    in_flight = asyncio.create_task(breaker.call(slow))  # admitted while healthy
+    await slow.entered.wait()
+    clock.advance(0.1)
+    await fail_times(breaker, 2)  # the service goes down
+    slow.gate.set()
+    assert await in_flight == "ok"  # the old call answers late, successfully
+    assert breaker.failure_count == 2  # ... which says nothing about the service now
+    await fail_times(breaker, 1)
+    assert breaker.state is CircuitState.OPEN  # fail_max consecutive failures, as called
+
+
+async def test_calls_go_one_at_a_time_while_failures_are_counted(clock: FakeClock) -> None:
+    breaker = make(clock, fail_max=3)
+    await fail_times(breaker, 1)
+    first, second = Service(), Service()
+    first.gate = asyncio.Event()
+    first.fail = Boom("still down")
+    a = asyncio.create_task(breaker.call(first))
+    await first.entered.wait()
+    b = asyncio.create_task(breaker.call(second))
+    await asyncio.sleep(0)
+    assert second.calls == 0  # waits for the verdict of the call in flight
+    first.gate.set()
+    with pytest.raises(Boom):
+        await a
+    assert await b == "ok"  # admitted after it: one more failure would have tripped
+    assert breaker.failure_count == 0
+    # Healthy again: calls run concurrently.
+    third, fourth = Service(), Service()
+    third.gate = asyncio.Event()
+    c = asyncio.create_task(breaker.call(third))
+    await third.entered.wait()
+    assert await breaker.call(fourth) == "ok"
+    third.gate.set()
+    assert await c == "ok"
