@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from psycopg import AsyncConnection
 
     from .breaker import CircuitBreaker
+    from .ratelimit import TokenBucket
     from .worker import BaseWorker, _JobRun
 
 __all__ = ["Stage", "StageContext", "validate_stages"]
@@ -89,6 +90,10 @@ class StageContext:
     def breaker(self, name: str) -> CircuitBreaker:
         """The worker's circuit breaker called ``name`` (one per name, shared by all jobs)."""
         return self.worker.breaker(name)
+
+    def rate_limiter(self, name: str) -> TokenBucket | None:
+        """The worker's token bucket for service ``name`` (``None`` when unlimited)."""
+        return self.worker.rate_limiter(name)
 
     def __repr__(self) -> str:
         return f"StageContext(job_id={self.job.id}, stage={self.stage!r})"

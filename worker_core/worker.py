@@ -51,6 +51,7 @@ if TYPE_CHECKING:
 
     from .breaker import CircuitBreaker
     from .health import HealthReport
+    from .ratelimit import RateLimiterRegistry, TokenBucket
 
 __all__ = ["BaseWorker"]
 
@@ -221,6 +222,7 @@ class BaseWorker(abc.ABC):
         self._given_pool = pool
         self._pool: AsyncConnectionPool | None = None
         self._registry: Any = None
+        self._limiters: RateLimiterRegistry | None = None
         self._tasks: dict[int, asyncio.Task[None]] = {}
         #: Claimed (under lease) but not started: the prefetch buffer.
         self._buffer: collections.deque[Job] = collections.deque()
@@ -288,6 +290,18 @@ class BaseWorker(abc.ABC):
         registry = self._breaker_registry()
         breaker: CircuitBreaker = registry.get(name)
         return breaker
+
+    def rate_limiter(self, name: str) -> TokenBucket | None:
+        """The token bucket of service ``name`` from ``config.rate_limits`` (None: no limit).
+
+        One bucket per name, shared by all of this worker's jobs; waiting on it holds
+        no database connection.
+        """
+        if self._limiters is None:
+            from .ratelimit import RateLimiterRegistry
+
+            self._limiters = RateLimiterRegistry.from_config(self.config)
+        return self._limiters.get(name)
 
     @property
     def breakers(self) -> Mapping[str, CircuitBreaker]:

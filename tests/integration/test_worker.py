@@ -643,3 +643,23 @@ async def test_prefetch_processes_each_job_once(
 
 async def _running_is(queue: Queue, n: int) -> bool:
     return (await queue.stats())["running"] == n
+
+
+async def test_rate_limiter_is_shared_by_the_workers_jobs(
+    queue: Queue, make_config: Callable[..., WorkerConfig]
+) -> None:
+    buckets: set[int] = set()
+
+    async def limited(ctx: StageContext, n: int) -> None:
+        bucket = ctx.rate_limiter("embeddings")
+        assert bucket is not None
+        await bucket.acquire()
+        buckets.add(id(bucket))
+        assert ctx.rate_limiter("unlimited") is None
+
+    config = make_config(rate_limits={"embeddings": {"rate": 1000, "burst": 5}})
+    await queue.enqueue_many([{} for _ in range(6)])
+    worker = Worker(config, [Step("call", limited)])
+    await worker.run(until_empty=True)
+    assert len(buckets) == 1
+    assert worker.metrics.processed == 6
