@@ -35,10 +35,9 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from multidict import CIMultiDict
-from structlog.contextvars import get_contextvars
 
 from .errors import PermanentError, RetryableError, TransientError
-from .logs import StructuredLogger
+from .logs import StructuredLogger, current_context
 from .redact import is_sensitive_key, redact_text
 
 if TYPE_CHECKING:
@@ -208,7 +207,7 @@ class ServiceClient:
         sent = dict(self._headers)
         if headers:
             sent.update(headers)
-        correlation = correlation_id or get_contextvars().get("correlation_id")
+        correlation = correlation_id or current_context().get("correlation_id")
         if correlation:
             sent[CORRELATION_HEADER] = str(correlation)
         args = (method.upper(), path, json, data, params, sent, timeout or self.timeout)

@@ -1,186 +1,378 @@
 """Structured logging: StructuredLogger, configure_logging, job context and redaction.
 
 The library never configures logging by itself: importing worker_core only adds a
-``NullHandler`` to the ``worker_core`` logger. Records travel through the
-standard library, so an application's own handlers receive them; their message
-reads ``event key=value ...``. ``configure_logging`` (opt-in; the command line
-calls it) installs one handler on the root logger that renders every record,
-ours and those of psycopg, botocore or the application, as JSON lines (or a
-readable console format) with the job context and with secrets masked.
+``NullHandler`` to the ``worker_core`` logger and never touches structlog's global
+configuration. Records travel through the standard library, so an application's
+own handlers receive them; their message reads ``event key=value ...`` (secrets
+masked) and a structlog ``ProcessorFormatter`` of the application sees the fields
+as structured data. ``configure_logging`` (opt-in; the command line calls it)
+installs one handler on the root logger that renders every record, ours and those
+of psycopg, botocore or the application, as JSON lines (or a readable console
+format) that start with ``timestamp``, ``level``, ``logger`` and ``event``, carry
+the job context, and have secrets masked, tracebacks included.
+
+Job context lives in structlog's contextvars (``job_context`` binds it), so an
+application that uses ``structlog.contextvars`` shares it, and concurrent asyncio
+tasks never see each other's ids.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import datetime as _dt
+import enum
 import json
 import logging
 import sys
+import time
+import traceback
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping
-from typing import IO, Any, Literal
+from types import MappingProxyType
+from typing import Any, Literal, Protocol
 
-import structlog
-from structlog.contextvars import bound_contextvars, merge_contextvars
-from structlog.stdlib import ProcessorFormatter
-from structlog.typing import EventDict, WrappedLogger
+from structlog.contextvars import get_contextvars
 
-from .redact import redact_text, redact_value
+from .redact import MASK, is_sensitive_key, redact_text
 
 __all__ = ["StructuredLogger", "configure_logging", "job_context", "unconfigure_logging"]
 
 logging.getLogger("worker_core").addHandler(logging.NullHandler())
 
 _HANDLER_MARK = "_worker_core_handler"
+#: Keys of the event dict that are not fields of the line.
+_META = frozenset({"event", "exc_info", "stack_info"})
+#: Every line starts with these, in this order.
+_HEAD = ("timestamp", "level", "logger", "event")
+#: Attributes every LogRecord has; anything else on a foreign record came from ``extra=``.
+_RECORD_ATTRS = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {
+    "message",
+    "asctime",
+    "taskName",
+}
+# Per-redactor caches: log lines repeat the same keys and short values (event names,
+# ids, queue names) endlessly, and the regexes are the bulk of the cost of a line.
+_CACHE_MAX = 4096
+_CACHED_TEXT_MAX = 256
+_MAX_DEPTH = 16
+
+
+class TextStream(Protocol):
+    """Where lines go: anything with ``write(str)`` and ``flush()``."""
+
+    def write(self, text: str, /) -> object: ...
+
+    def flush(self) -> object: ...
+
+
+class _Redactor:
+    """Masks sensitive keys (recursively) and secret text; returns JSON-native values."""
+
+    __slots__ = ("_extra", "_keys", "_texts", "secrets")
+
+    def __init__(self, keys: Iterable[str] = (), secrets: Iterable[str] = ()) -> None:
+        self._extra = tuple(k.lower() for k in keys if k)
+        self.secrets = tuple(s for s in secrets if s)
+        self._keys: dict[str, bool] = {}
+        self._texts: dict[str, str] = {}
+
+    def sensitive(self, key: str) -> bool:
+        hit = self._keys.get(key)
+        if hit is None:
+            hit = is_sensitive_key(key, self._extra)
+            if len(self._keys) >= _CACHE_MAX:
+                self._keys.clear()
+            self._keys[key] = hit
+        return hit
+
+    def text(self, text: str) -> str:
+        if len(text) > _CACHED_TEXT_MAX:
+            return redact_text(text, self.secrets)
+        done = self._texts.get(text)
+        if done is None:
+            done = redact_text(text, self.secrets)
+            if len(self._texts) >= _CACHE_MAX:
+                self._texts.clear()
+            self._texts[text] = done
+        return done
+
+    def field(self, key: str, value: Any, depth: int = 0) -> Any:
+        """``value`` cleaned, or the mask when ``key`` names a secret."""
+        kind = type(value)
+        if value is None or kind is int or kind is float or kind is bool:
+            return value  # token_count is no secret
+        if self.sensitive(key) and value != "" and not isinstance(value, int | float):
+            return MASK
+        return self.value(value, depth)
+
+    def value(self, value: Any, depth: int = 0) -> Any:
+        kind = type(value)
+        if kind is str:
+            return self.text(value)
+        if value is None or kind is int or kind is float or kind is bool:
+            return value
+        if depth >= _MAX_DEPTH:
+            return "..."
+        if isinstance(value, Mapping):
+            return {str(k): self.field(str(k), v, depth + 1) for k, v in value.items()}
+        if isinstance(value, list | tuple | set | frozenset):
+            return [self.value(v, depth + 1) for v in value]
+        if isinstance(value, enum.Enum):
+            return self.value(value.value, depth + 1)
+        if isinstance(value, str):
+            return self.text(str.__str__(value))
+        if isinstance(value, bool | int | float):
+            return value
+        if isinstance(value, _dt.datetime | _dt.date | _dt.time):
+            return value.isoformat()
+        if isinstance(value, BaseException):
+            return self.text(f"{type(value).__name__}: {value}")
+        # Anything else becomes text here, not in the JSON encoder, so its str() is
+        # scrubbed too (an object whose str() quotes a DSN).
+        try:
+            text = str(value)
+        except Exception:
+            text = object.__repr__(value)
+        return self.text(text)
+
+
+#: The redactor of the active configuration (also used when a record is created).
+_active = _Redactor()
 
 
 class _Event(dict[str, Any]):
-    """An event dict that reads well when a plain stdlib formatter prints it."""
+    """An event dict that reads well (and masked) when a plain stdlib formatter prints it."""
 
     def __str__(self) -> str:
-        fields = " ".join(
-            f"{k}={v!r}" for k, v in self.items() if k not in ("event", "exc_info", "stack_info")
-        )
-        text = f"{self.get('event', '')} {fields}".rstrip()
-        return redact_text(text)
+        fields = " ".join(f"{k}={v!r}" for k, v in self.items() if k not in _META)
+        return redact_text(f"{self.get('event', '')} {fields}".rstrip(), _active.secrets)
 
     __repr__ = __str__
 
 
-def _capture_exc_info(logger: WrappedLogger, name: str, event_dict: EventDict) -> EventDict:
-    # Resolve exc_info while the exception is current, not later in a handler.
-    if event_dict.get("exc_info") is True:
-        event_dict["exc_info"] = sys.exc_info()
-    return event_dict
+def _exc_tuple(exc_info: Any) -> Any:
+    if exc_info is True:
+        exc_info = sys.exc_info()
+    elif isinstance(exc_info, BaseException):
+        exc_info = (type(exc_info), exc_info, exc_info.__traceback__)
+    if not isinstance(exc_info, tuple) or exc_info[0] is None:
+        return None
+    return exc_info
 
 
-def _to_stdlib(
-    logger: WrappedLogger, name: str, event_dict: EventDict
-) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    exc_info = event_dict.get("exc_info")
-    # Same record shape as structlog's wrap_for_formatter, so ProcessorFormatter
-    # renders it as structured data; the message itself is a readable _Event.
-    return (_Event(event_dict),), {
-        "extra": {"_logger": logger, "_name": name},
-        "exc_info": exc_info or None,
-        "stacklevel": 5,
-    }
-
-
-_EMIT_CHAIN: list[Any] = [
-    structlog.stdlib.filter_by_level,
-    merge_contextvars,
-    _capture_exc_info,
-    _to_stdlib,
-]
+def _format_exc(exc_info: Any) -> str:
+    return "".join(traceback.format_exception(*exc_info)).rstrip("\n")
 
 
 class StructuredLogger:
     """A logger with bound context: ``StructuredLogger("app", service="ingest").info("done", n=3)``.
 
     Lines written while a job runs also carry the job's context (``correlation_id``,
-    ``job_id``, ``queue``, ``stage``, ``attempt``, ``worker_id``).
+    ``job_id``, ``queue``, ``stage``, ``attempt``, ``worker_id``). A call whose level
+    is off costs one dictionary lookup.
     """
 
-    __slots__ = ("_log", "name")
+    __slots__ = ("_context", "_logger", "name")
 
     def __init__(self, name: str = "worker_core", **context: Any) -> None:
         self.name = name
-        self._log: Any = structlog.wrap_logger(
-            logging.getLogger(name),
-            processors=_EMIT_CHAIN,
-            wrapper_class=structlog.stdlib.BoundLogger,
-            context_class=dict,
-            cache_logger_on_first_use=False,
-        ).bind(**context)
+        self._logger = logging.getLogger(name)
+        self._context: dict[str, Any] = context
 
     def bind(self, **context: Any) -> StructuredLogger:
         """A new logger with ``context`` added."""
         new = object.__new__(StructuredLogger)
         new.name = self.name
-        new._log = self._log.bind(**context)
+        new._logger = self._logger
+        new._context = {**self._context, **context}
         return new
 
     @property
     def context(self) -> dict[str, Any]:
-        return dict(self._log._context)
+        return dict(self._context)
 
     def is_enabled_for(self, level: int) -> bool:
-        return logging.getLogger(self.name).isEnabledFor(level)
+        return self._logger.isEnabledFor(level)
 
     def debug(self, event: str, **fields: Any) -> None:
-        self._log.debug(event, **fields)
+        if self._logger.isEnabledFor(logging.DEBUG):
+            self._emit(logging.DEBUG, "debug", event, fields)
 
     def info(self, event: str, **fields: Any) -> None:
-        self._log.info(event, **fields)
+        if self._logger.isEnabledFor(logging.INFO):
+            self._emit(logging.INFO, "info", event, fields)
 
     def warning(self, event: str, **fields: Any) -> None:
-        self._log.warning(event, **fields)
+        if self._logger.isEnabledFor(logging.WARNING):
+            self._emit(logging.WARNING, "warning", event, fields)
 
     def error(self, event: str, **fields: Any) -> None:
-        self._log.error(event, **fields)
+        if self._logger.isEnabledFor(logging.ERROR):
+            self._emit(logging.ERROR, "error", event, fields)
 
     def critical(self, event: str, **fields: Any) -> None:
-        self._log.critical(event, **fields)
+        if self._logger.isEnabledFor(logging.CRITICAL):
+            self._emit(logging.CRITICAL, "critical", event, fields)
 
     def exception(self, event: str, **fields: Any) -> None:
-        """Log at ERROR with the current exception's traceback (redacted when rendered)."""
-        fields.setdefault("exc_info", True)
-        self._log.error(event, **fields)
+        """Log at ERROR with the current exception's traceback (masked)."""
+        if self._logger.isEnabledFor(logging.ERROR):
+            fields.setdefault("exc_info", True)
+            self._emit(logging.ERROR, "error", event, fields)
+
+    def _emit(self, level: int, method: str, event: str, fields: dict[str, Any]) -> None:
+        # Context order: job context, then bound context, then this call's fields.
+        data = _Event(current_context())
+        data.update(self._context)
+        data.update(fields)
+        data["event"] = event
+        exc_info = _exc_tuple(data["exc_info"]) if "exc_info" in data else None
+        if exc_info is not None:
+            data["exc_info"] = exc_info
+        else:
+            data.pop("exc_info", None)
+        # The caller's frame, found directly instead of by the stdlib's stack walk.
+        caller = sys._getframe(2)
+        code = caller.f_code
+        logger = self._logger
+        record = logger.makeRecord(
+            logger.name, level, code.co_filename, caller.f_lineno, data, (), exc_info, code.co_name
+        )
+        # What a structlog ProcessorFormatter of the application looks for.
+        record.__dict__["_logger"] = logger
+        record.__dict__["_name"] = method
+        if exc_info is not None:
+            # Pre-rendered and masked: every stdlib Formatter prints exc_text as it is.
+            record.exc_text = redact_text(_format_exc(exc_info), _active.secrets)
+        logger.handle(record)
 
     def __repr__(self) -> str:
         return f"StructuredLogger({self.name!r})"
 
 
+#: The running job's context. One variable holding one dict: binding a job costs a
+#: single set and reset (structlog's per-key variables cost several times that, per
+#: job and per stage, on the worker's hot path).
+_JOB_CONTEXT: contextvars.ContextVar[Mapping[str, Any]] = contextvars.ContextVar(
+    "worker_core_job_context", default=MappingProxyType({})
+)
+
+
 @contextlib.contextmanager
 def job_context(**fields: Any) -> Iterator[None]:
     """Bind ``fields`` to every line logged in this task (and tasks it starts)."""
-    with bound_contextvars(**fields):
+    token = _JOB_CONTEXT.set({**_JOB_CONTEXT.get(), **fields})
+    try:
         yield
+    finally:
+        _JOB_CONTEXT.reset(token)
 
 
-class _Redactor:
-    """The last processor before rendering: masks sensitive keys and secret text."""
-
-    def __init__(self, keys: Iterable[str], secrets: Iterable[str]) -> None:
-        self.keys = tuple(keys)
-        self.secrets = tuple(s for s in secrets if s)
-
-    def __call__(self, logger: WrappedLogger, name: str, event_dict: EventDict) -> EventDict:
-        redacted: EventDict = redact_value(event_dict, self.keys, self.secrets)
-        return redacted
+def current_context() -> dict[str, Any]:
+    """The context lines get now: the application's structlog contextvars, then the job's."""
+    context = get_contextvars()
+    context.update(_JOB_CONTEXT.get())
+    return context
 
 
-def _json_serializer() -> Any:
+class _Formatter(logging.Formatter):
+    """Renders any record as one ordered, masked event dict: JSON or console text."""
+
+    def __init__(self, fmt: Literal["json", "console"], redactor: _Redactor) -> None:
+        super().__init__()
+        self._redactor = redactor
+        self._second: tuple[int, str] = (-1, "")
+        self._render: Any
+        if fmt == "json":
+            self._render = _json_renderer()
+        else:
+            from structlog.dev import ConsoleRenderer
+
+            console = ConsoleRenderer(colors=False)
+            self._render = lambda data: console(None, data["level"], data)
+
+    def _timestamp(self, created: float) -> str:
+        second = int(created)
+        cached = self._second
+        if cached[0] != second:  # strftime once per second, not once per line
+            cached = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
+            self._second = cached
+        return f"{cached[1]}.{int((created - second) * 1_000_000):06d}Z"
+
+    def event_dict(self, record: logging.LogRecord) -> dict[str, Any]:
+        """The line's fields in order, masked and JSON-native."""
+        redactor = self._redactor
+        msg = record.msg
+        out: dict[str, Any] = {
+            "timestamp": self._timestamp(record.created),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "event": "",
+        }
+        if isinstance(msg, dict):  # ours, or structlog's wrap_for_formatter
+            items: Iterable[tuple[str, Any]] = msg.items()
+            event = msg.get("event", "")
+        else:
+            event = record.getMessage()
+            extra = [
+                (k, v)
+                for k, v in record.__dict__.items()
+                if k not in _RECORD_ATTRS and not k.startswith("_")
+            ]
+            items = [*current_context().items(), *extra]
+        out["event"] = redactor.text(event if isinstance(event, str) else str(event))
+        for key, value in items:
+            if key in _META:
+                continue
+            name = key if isinstance(key, str) else str(key)
+            if name in out:
+                if name in _HEAD:  # a field called "level" must not replace the header
+                    out[f"{name}_"] = redactor.field(name, value)
+                continue
+            out[name] = redactor.field(name, value)
+        if record.exc_info or record.exc_text:
+            text = record.exc_text or _format_exc(record.exc_info)
+            out["exception"] = redactor.text(text)
+        if record.stack_info:
+            out["stack"] = redactor.text(record.stack_info)
+        return out
+
+    def format(self, record: logging.LogRecord) -> str:
+        rendered: str = self._render(self.event_dict(record))
+        return rendered
+
+
+def _json_renderer() -> Any:
     try:
         import orjson
     except ImportError:
-        return lambda obj, **kw: json.dumps(obj, default=str, ensure_ascii=False)
+        return lambda data: json.dumps(data, default=str, ensure_ascii=False)
 
-    def dumps(obj: Any, **kw: Any) -> str:
-        return orjson.dumps(obj, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
+    dumps, option = orjson.dumps, orjson.OPT_NON_STR_KEYS
 
-    return dumps
+    def render(data: dict[str, Any]) -> str:
+        try:
+            return dumps(data, default=str, option=option).decode()
+        except TypeError:  # integers beyond 64 bits, among others
+            return json.dumps(data, default=str, ensure_ascii=False)
 
-
-def _drop_internal(logger: WrappedLogger, name: str, event_dict: EventDict) -> EventDict:
-    event_dict.pop("_record", None)
-    event_dict.pop("_from_structlog", None)
-    if not isinstance(event_dict.get("event"), str):
-        event_dict["event"] = str(event_dict.get("event"))
-    return event_dict
+    return render
 
 
 def configure_logging(
     level: str | int = "INFO",
     fmt: Literal["json", "console"] = "json",
-    stream: IO[str] | None = None,
+    stream: TextStream | None = None,
     redact_keys: Iterable[str] = (),
     *,
     secrets: Iterable[str] = (),
 ) -> logging.Handler:
     """Render every log record of the process as JSON lines (or console text).
 
-    Installs one handler on the root logger (replacing one this function
-    installed before, never the application's own) and returns it.
+    Installs one handler on the root logger (replacing one this function installed
+    before, never the application's own) and returns it. Lines start with
+    ``timestamp`` (ISO 8601 UTC), ``level``, ``logger`` and ``event``, then the job
+    and bound context and the call's fields; a traceback goes under ``exception``.
 
     Args:
         level: the root level.
@@ -189,39 +381,16 @@ def configure_logging(
         redact_keys: extra key names whose values are masked.
         secrets: literal secret values to mask wherever they appear.
     """
-    foreign_chain: list[Any] = [
-        merge_contextvars,
-        structlog.stdlib.ExtraAdder(),
-    ]
-    timestamper = structlog.processors.TimeStamper(fmt="iso", utc=True, key="timestamp")
-    common: list[Any] = [
-        structlog.stdlib.add_log_level,
-        structlog.stdlib.add_logger_name,  # reads the record, so before remove_processors_meta
-        timestamper,
-        ProcessorFormatter.remove_processors_meta,
-        _drop_internal,
-        structlog.processors.format_exc_info,
-        _Redactor(redact_keys, secrets),
-    ]
-    renderer: Any
-    if fmt == "json":
-        renderer = structlog.processors.JSONRenderer(serializer=_json_serializer())
-    elif fmt == "console":
-        renderer = structlog.dev.ConsoleRenderer(colors=False)
-    else:
+    global _active
+    if fmt not in ("json", "console"):
         raise ValueError(f"fmt must be 'json' or 'console', not {fmt!r}")
-    formatter = ProcessorFormatter(
-        foreign_pre_chain=foreign_chain,
-        processors=[*common, renderer],
-        keep_exc_info=False,
-        keep_stack_info=False,
-        pass_foreign_args=False,
-    )
-    handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(formatter)
+    redactor = _Redactor(redact_keys, secrets)
+    handler: logging.StreamHandler[Any] = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(_Formatter(fmt, redactor))
     setattr(handler, _HANDLER_MARK, True)
     root = logging.getLogger()
     unconfigure_logging()
+    _active = redactor
     root.addHandler(handler)
     root.setLevel(level if isinstance(level, int) else level.upper())
     return handler
@@ -229,11 +398,13 @@ def configure_logging(
 
 def unconfigure_logging() -> None:
     """Remove the handler ``configure_logging`` installed (the application's stay)."""
+    global _active
     root = logging.getLogger()
     for existing in list(root.handlers):
         if getattr(existing, _HANDLER_MARK, False):
             root.removeHandler(existing)
             existing.close()
+    _active = _Redactor()
 
 
 def is_configured() -> bool:
@@ -242,6 +413,7 @@ def is_configured() -> bool:
 
 
 def safe_fields(fields: Mapping[str, Any]) -> MutableMapping[str, Any]:
-    """``fields`` with secrets masked, for text that leaves the process (errors, health)."""
-    masked: MutableMapping[str, Any] = redact_value(dict(fields))
+    """``fields`` with secrets masked and made JSON-native, for text that leaves the
+    process (errors, health)."""
+    masked: MutableMapping[str, Any] = _active.value(dict(fields))
     return masked

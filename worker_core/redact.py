@@ -43,6 +43,8 @@ _KV_SECRET = re.compile(
     r"[\"']?\s*[=:]\s*)(?:(?P<q>[\"'])(?:\\.|(?!(?P=q)).)*(?P=q)|(?P<val>[^\s\"'&,;)}\]]+))",
     re.IGNORECASE,
 )
+# Every key _KV_SECRET can match contains one of these.
+_KV_HINT = re.compile(r"pass|pwd|secret|token|key", re.IGNORECASE)
 # Authorization header values.
 _AUTH_SCHEME = re.compile(
     r"\b(?P<scheme>Bearer|Basic|Token|Digest)\s+(?P<val>[A-Za-z0-9._~+/=\-]{4,})"
@@ -64,7 +66,8 @@ def redact_text(text: str, secrets: Iterable[str] = ()) -> str:
             text = text.replace(secret, MASK)
     if "://" in text:
         text = _URL_PASSWORD.sub(lambda m: f"{m['pre']}{MASK}@", text)
-    text = _KV_SECRET.sub(_mask_pair, text)
+    if _KV_HINT.search(text):  # the pair regex backtracks a lot; skip it when it cannot match
+        text = _KV_SECRET.sub(_mask_pair, text)
     return _AUTH_SCHEME.sub(lambda m: f"{m['scheme']} {MASK}", text)
 
 

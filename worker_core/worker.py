@@ -217,6 +217,8 @@ class BaseWorker(abc.ABC):
         self.last_loop_at: float | None = None
         self.last_claim_at: float | None = None
         self.listener_connected = False
+        #: The /healthz, /readyz, /metrics server while running (``health.http_port``).
+        self.health_server: Any = None
         #: How many times the LISTEN connection was (re)established.
         self.listener_connects = 0
         self._given_pool = pool
@@ -313,6 +315,7 @@ class BaseWorker(abc.ABC):
             from .breaker import BreakerRegistry
 
             self._registry = BreakerRegistry(self.config.circuit_breaker)
+            self._registry.add_listener(self.metrics.breaker_changed)
         return self._registry
 
     def add_health_check(self, name: str, check: Callable[[], Awaitable[Any]]) -> None:
@@ -375,6 +378,7 @@ class BaseWorker(abc.ABC):
                     self, host=self.config.health.http_host, port=self.config.health.http_port
                 )
                 await server.start()
+                self.health_server = server
             await self._rescue()
             self.logger.info(
                 "worker started",
@@ -394,6 +398,7 @@ class BaseWorker(abc.ABC):
                 if server is not None:
                     with contextlib.suppress(Exception):
                         await server.stop()
+                    self.health_server = None
                 await self._finish_run(restore_signals)
 
     async def _finish_run(self, restore_signals: Callable[[], None]) -> None:
@@ -515,6 +520,7 @@ class BaseWorker(abc.ABC):
                     await self._wait(min(pause, queue_cfg.poll_interval))
                     continue
                 self._wake.clear()
+                claim_started = time.monotonic()
                 try:
                     jobs = await self.queue.claim(
                         self.worker_id, room, lease_seconds=queue_cfg.lease_seconds
@@ -531,6 +537,7 @@ class BaseWorker(abc.ABC):
                     continue
                 error_delay = 0.05
                 self.last_claim_at = time.monotonic()
+                self.metrics.claim_completed(self.last_claim_at - claim_started, len(jobs))
                 drained = len(jobs) < room
                 self._maybe_work = not drained
                 if jobs:
@@ -1068,7 +1075,7 @@ class BaseWorker(abc.ABC):
                     )
                 self.listener_connected = False
                 await asyncio.sleep(delay * (0.5 + self._rng.random()))
-                delay = min(delay * 2, 5.0)
+                delay = min(delay * 2, 2.0)
             finally:
                 self.listener_connected = False
                 if conn is not None:

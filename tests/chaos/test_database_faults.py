@@ -73,11 +73,17 @@ async def drain_with_faults(
         await wait_for(
             lambda: _all_done(queue, ids), timeout=120, interval=0.2, what="every job succeeded"
         )
+        # Jobs are found by polling too; LISTEN itself must also have come back.
+        await wait_for(lambda: _listening(workers), timeout=30, what="LISTEN reconnected")
     finally:
         for w in workers:
             await w.stop()
         await asyncio.gather(*tasks, return_exceptions=True)
     return seen, workers, time.monotonic() - started
+
+
+async def _listening(workers: list[BaseWorker]) -> bool:
+    return all(w.listener_connected for w in workers)
 
 
 async def _progress(seen: Counter[int], n: int) -> bool:
