@@ -328,7 +328,11 @@ async def cmd_health(args: argparse.Namespace, out: IO[str]) -> int:
     else:
         out.write(f"{data['status']}\n")
         for name, component in data.get("components", {}).items():
-            out.write(f"  {name}: {component.get('status')} {component.get('detail') or ''}\n")
+            detail = component.get("detail") or {}
+            note = detail.get("error") or "; ".join(detail.get("problems") or ()) or ""
+            latency = component.get("latency_ms")
+            took = f" ({latency:.1f} ms)" if isinstance(latency, int | float) else ""
+            out.write(f"  {name}: {component.get('status')}{took} {note}".rstrip() + "\n")
     return EXIT_UNHEALTHY if report.status == HealthStatus.UNHEALTHY else EXIT_OK
 
 

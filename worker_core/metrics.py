@@ -103,6 +103,7 @@ class ProcessingMetrics:
         self.released = 0
         self.leases_lost = 0
         self.rescued = 0
+        self.pruned = 0
         self.claimed = 0
         self.in_flight = 0
         # Attempt durations by outcome: succeeded, retried, deferred, dead.
@@ -155,6 +156,10 @@ class ProcessingMetrics:
 
     def jobs_rescued(self, n: int) -> None:
         self.rescued += n
+
+    def jobs_pruned(self, n: int) -> None:
+        """Finished jobs deleted by retention."""
+        self.pruned += n
 
     def stage_completed(self, stage: str, seconds: float) -> None:
         self._stage(stage).completed.observe(seconds)
@@ -213,6 +218,7 @@ class ProcessingMetrics:
             "released": self.released,
             "leases_lost": self.leases_lost,
             "rescued": self.rescued,
+            "pruned": self.pruned,
             "claimed": self.claimed,
             "in_flight": self.in_flight,
         }
@@ -392,11 +398,11 @@ class MetricsCollector:
         m, fam = self.metrics, self._family
         q: Labels = (("queue", m.queue),)
         jobs = fam("jobs", "counter", "Jobs by outcome: succeeded, retried, deferred, dead "
-                   "(attempts), released, lease_lost, rescued.")  # fmt: skip
+                   "(attempts), released, lease_lost, rescued, pruned.")  # fmt: skip
         for outcome, value in (
             ("succeeded", m.processed), ("retried", m.retried), ("deferred", m.deferred),
             ("dead", m.dead_lettered), ("released", m.released),
-            ("lease_lost", m.leases_lost), ("rescued", m.rescued),
+            ("lease_lost", m.leases_lost), ("rescued", m.rescued), ("pruned", m.pruned),
         ):  # fmt: skip
             jobs.add((*q, ("outcome", outcome)), value)
         claimed = fam("jobs_claimed", "counter", "Jobs claimed from the queue.")

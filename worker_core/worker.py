@@ -1015,6 +1015,7 @@ class BaseWorker(abc.ABC):
             if deleted < settings.batch_size:
                 break
         if total:
+            self.metrics.jobs_pruned(total)
             self.logger.info("pruned finished jobs", deleted=total)
         return total
 

@@ -107,3 +107,15 @@ def test_no_dsn_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_usage_errors_exit_2() -> None:
     err = io.StringIO()
     assert main(["frobnicate"], stdout=io.StringIO(), stderr=err) == 2
+
+
+def test_health_command(cli, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    assert cli("migrate").code == 0
+    healthy = cli("health", "--json")
+    assert healthy.code == 0, healthy.err
+    assert json.loads(healthy.out)["status"] == "healthy"
+    monkeypatch.setenv("WORKER_CORE_DATABASE__DSN", f"postgresql://u:pw77x@/db?host={tmp_path}")
+    down = cli("health")
+    assert down.code == 3
+    assert down.out.startswith("unhealthy")
+    assert "pw77x" not in down.out
