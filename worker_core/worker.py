@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 from .config import WorkerConfig
 from .errors import (
@@ -198,7 +198,7 @@ class BaseWorker(abc.ABC):
     """
 
     #: Breakers that must be closed for this worker to claim jobs (claims pause while open).
-    required_breakers: ClassVar[tuple[str, ...]] = ()
+    required_breakers: tuple[str, ...] = ()
 
     def __init__(self, config: WorkerConfig, *, pool: AsyncConnectionPool | None = None) -> None:
         self.config = config

@@ -252,6 +252,9 @@ class DocumentWorker(BaseWorker):
                 # Every job shares the worker's breaker: an outage opens it once and
                 # jobs are deferred instead of each burning its attempts.
                 embedder.breaker = self.breaker("embeddings")  # type: ignore[attr-defined]
+                # ... and while it is open, claiming pauses: a job claimed now would
+                # only be deferred again.
+                self.required_breakers = ("embeddings",)
         self.embedder = embedder
         self.chunker = chunker or Chunker(ingest.chunk_size, ingest.chunk_overlap)
         self.batch_size = batch_size
