@@ -153,3 +153,68 @@ async def test_a_bad_job_does_not_hold_up_the_others(
     assert (await queue.get(poison)).status is JobStatus.DEAD  # type: ignore[union-attr]
     for job_id in ids:
         assert (await queue.get(job_id)).status is JobStatus.SUCCEEDED  # type: ignore[union-attr]
+
+
+def test_document_corpus_through_the_command_line(
+    pg_dsn: str, schema: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bad documents and payloads through `worker-core enqueue` and `run`: each is a
+    dead letter with its reason, the good ones are ingested, the worker exits 0."""
+    import io
+    import json
+
+    from worker_core.cli import main
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "good.txt").write_text("A perfectly fine document. " * 50)
+    (docs / "empty.txt").write_bytes(b"")
+    (docs / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1") * 10)
+    (docs / "nul.txt").write_bytes(b"text with a \x00 NUL byte" * 10)
+    (docs / "binary.bin").write_bytes(bytes(range(256)) * 40)
+    for key, value in {
+        "DATABASE__DSN": pg_dsn, "DATABASE__SCHEMA": schema, "QUEUE__NAME": "docs",
+        "QUEUE__POLL_INTERVAL": "0.2", "STORAGE__LOCAL_ROOT": str(docs),
+        "LOGGING__LEVEL": "WARNING",
+    }.items():  # fmt: skip
+        monkeypatch.setenv(f"WORKER_CORE_{key}", value)
+    jobs = tmp_path / "jobs.jsonl"
+    lines = [
+        {"document_id": "good", "key": "good.txt"},
+        {"document_id": "empty", "key": "empty.txt"},
+        {"document_id": "latin1", "key": "latin1.txt"},
+        {"document_id": "nul", "key": "nul.txt"},
+        {"document_id": "binary", "key": "binary.bin"},
+        {"document_id": "missing", "key": "nowhere.txt"},
+        {"key": "good.txt"},
+        {"document_id": 7, "key": "good.txt"},
+        {"document_id": "escape", "key": "../../etc/passwd"},
+    ]
+    jobs.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+
+    def cli(*argv: str) -> tuple[int, str, str]:
+        out, err = io.StringIO(), io.StringIO()
+        code = main(list(argv), stdout=out, stderr=err)
+        return code, out.getvalue(), err.getvalue()
+
+    assert cli("migrate")[0] == 0
+    assert cli("enqueue", "--file", str(jobs))[0] == 0
+    too_big = cli("enqueue", json.dumps({"document_id": "x", "key": "y" * (11 << 20)}))
+    assert too_big[0] == 1
+    assert "over the limit" in too_big[2]
+    code, out, err = cli("run", "worker_core.ingest:DocumentWorker", "--until-empty")
+    assert code == 0, err
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert (summary["processed"], summary["dead_lettered"]) == (1, 8)
+    code, out, _ = cli("dead-letters", "list", "--json", "--limit", "50")
+    reasons = {str(d["payload"].get("document_id")): d["error"] for d in json.loads(out)}
+    assert "empty document" in reasons["empty"]
+    assert "UTF-8" in reasons["latin1"]
+    assert "NUL" in reasons["nul"]
+    assert "UTF-8" in reasons["binary"] or "NUL" in reasons["binary"]
+    assert "nowhere.txt" in reasons["missing"]
+    assert "document_id" in reasons["None"]
+    assert "document_id" in reasons["7"]
+    assert "escape" in reasons or any("etc/passwd" in r or "outside" in r for r in reasons.values())
+    for reason in reasons.values():
+        assert reason.startswith("PermanentError")
