@@ -147,7 +147,11 @@ class QueueSettings(_Section):
     heartbeat_seconds: float = Field(default=10.0, gt=0)
     shutdown_timeout: float = Field(default=30.0, ge=0)
     flush_interval: float = Field(
-        default=0.05, gt=0, le=5, description="max delay (s) before completions are written"
+        default=0.0,
+        ge=0,
+        le=5,
+        description="extra delay (s) to batch outcome writes; 0 writes at once and batches "
+        "what arrives while a write is in flight (group commit)",
     )
     flush_max: int = Field(default=500, ge=1, description="completions written per statement")
     prefetch: int = Field(

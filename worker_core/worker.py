@@ -62,7 +62,8 @@ _MAX_TRACEBACK = 4000
 
 
 class _Flusher:
-    """Batches fenced outcome writes: flushed every ``interval`` or at ``max_items``.
+    """Batches fenced outcome writes: one write in flight, the next takes all that
+    arrived meanwhile (up to ``flush_max``), after an optional ``flush_interval``.
 
     Outcomes for the same job coalesce (a completion supersedes a checkpoint), and
     a write that fails on a lost connection is kept and retried, never dropped.
@@ -100,7 +101,11 @@ class _Flusher:
     async def run(self) -> None:
         while True:
             await self._has_items.wait()
-            if not self._full.is_set():
+            if not self._interval:
+                # Group commit: let the jobs finishing in this loop turn submit too;
+                # whatever arrives while this write is in flight goes in the next one.
+                await asyncio.sleep(0)
+            elif not self._full.is_set():
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self._interval):
                         await self._full.wait()
