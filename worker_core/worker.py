@@ -773,7 +773,8 @@ class BaseWorker(abc.ABC):
         error = dump_json(record, "error record")
         error_type = type(exc).__name__
         run.finished = True
-        if plan.transition is Transition.DEFER:
+        if plan.transition in (Transition.DEFER, Transition.RETRY):
+            deferred = plan.transition is Transition.DEFER
             delay = self._delay(job, exc)
             self._flusher.submit(
                 Outcome(
@@ -782,44 +783,21 @@ class BaseWorker(abc.ABC):
                     JobStatus.QUEUED,
                     run.stage,
                     run.saved_state,
-                    refund=1,
-                    deferred=1,
+                    refund=int(deferred),  # a deferral gives the attempt back
+                    deferred=int(deferred),
                     delay=delay,
                     error=error,
                 )
             )
-            self.metrics.attempt_failed(error_type, elapsed, "deferred")
-            self.logger.info(
-                "job deferred",
-                stage=stage,
-                retry_in=round(delay, 3),
-                error_type=error_type,
-                error=record["message"],
-                deferrals=job.deferrals + 1,
-            )
-            return
-        if plan.transition is Transition.RETRY:
-            delay = self._delay(job, exc)
-            self._flusher.submit(
-                Outcome(
-                    job.id,
-                    job.attempt,
-                    JobStatus.QUEUED,
-                    run.stage,
-                    run.saved_state,
-                    delay=delay,
-                    error=error,
-                )
-            )
-            self.metrics.attempt_failed(error_type, elapsed, "retried")
-            self.logger.warning(
-                "job failed; will retry",
-                stage=stage,
-                retry_in=round(delay, 3),
-                error_type=error_type,
-                error=record["message"],
-                attempts_left=job.max_attempts - job.attempt,
-            )
+            self.metrics.attempt_failed(error_type, elapsed, "deferred" if deferred else "retried")
+            if deferred:
+                log, event = self.logger.info, "job deferred"
+                count = {"deferrals": job.deferrals + 1}
+            else:
+                log, event = self.logger.warning, "job failed; will retry"
+                count = {"attempts_left": job.max_attempts - job.attempt}
+            log(event, stage=stage, retry_in=round(delay, 3), error_type=error_type,
+                error=record["message"], **count)  # fmt: skip
             return
         reason = plan.note or "permanent error"
         hook = type(self).on_dead_letter is not BaseWorker.on_dead_letter
