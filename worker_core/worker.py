@@ -98,6 +98,11 @@ class _Flusher:
     def __len__(self) -> int:
         return len(self._pending)
 
+    @property
+    def busy(self) -> bool:
+        """Outcomes waiting, or a write in flight (those jobs are still running in the DB)."""
+        return bool(self._pending) or self._lock.locked()
+
     async def run(self) -> None:
         while True:
             await self._has_items.wait()
@@ -553,7 +558,7 @@ class BaseWorker(abc.ABC):
                     self._buffer.extend(jobs)
                     self._start_buffered()
                 if until_empty and drained and not self._tasks and not self._buffer:
-                    if len(self._flusher):
+                    if self._flusher.busy:
                         await self._flusher.flush()  # a retry written now may be ready at once
                         self._maybe_work = True
                         continue

@@ -39,3 +39,24 @@ def test_quickstart(pg_dsn: str) -> None:
         drop_schema(pg_dsn, "quickstart")
     assert "succeeded, 2 words" in out
     assert "dead (empty document)" in out
+
+
+def test_markdown_sections(pg_dsn: str) -> None:
+    try:
+        out = run_example("markdown_sections.py", pg_dsn)
+    finally:
+        drop_schema(pg_dsn, "example_markdown")
+    lines = out.strip().splitlines()
+    assert "succeeded, 4 sections, written {'skipped': 0, 'inserted': 4}" in lines[0]
+    assert "succeeded, 4 sections, written {'skipped': 4, 'inserted': 0}" in lines[1]
+    assert "dead (ValidationError at stage parse)" in lines[2]
+
+
+def test_http_enrichment(pg_dsn: str) -> None:
+    try:
+        out = run_example("http_enrichment.py", pg_dsn)
+    finally:
+        drop_schema(pg_dsn, "example_http")
+    assert "18 invoices converted" in out
+    assert "dead: 1" in out
+    assert "unknown currency 'XYZ'" in out
