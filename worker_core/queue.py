@@ -22,6 +22,7 @@ from psycopg.types.json import set_json_loads
 
 from .config import WorkerConfig
 from .jobs import Job, JobStatus, dump_json
+from .logs import StructuredLogger
 from .redact import mask_dsn
 from .sql import load_queries, migrations, render
 
@@ -209,8 +210,22 @@ class Queue:
             await conn.execute(self._sql["migrations_table"])
             cur = await conn.execute(self._sql["applied_migrations"])
             applied = {row[0]: row[2] for row in await cur.fetchall()}
-            known = {m.version for m in migrations()}
+            shipped = {m.version: m for m in migrations()}
+            known = set(shipped)
             newer = sorted(v for v in applied if v not in known)
+            changed = sorted(
+                v
+                for v, checksum in applied.items()
+                if v in shipped and shipped[v].checksum != checksum
+            )
+            if changed:
+                # Applied migrations are never re-run; a file that changed since means the
+                # schema may differ from what this release expects.
+                StructuredLogger("worker_core.queue").warning(
+                    "applied migrations differ from the files shipped with this release",
+                    schema=self.schema,
+                    versions=changed,
+                )
             if newer:
                 raise RuntimeError(
                     f"schema {self.schema!r} has migrations {newer} that this worker_core "

@@ -343,3 +343,17 @@ async def test_unreachable_database_fails_with_one_clear_line(tmp_path: Any) -> 
             pass
     assert "cannot connect to PostgreSQL" in str(info.value)
     assert "pw9876" not in str(info.value)
+
+
+async def test_migrate_warns_when_an_applied_migration_changed(
+    queue: Queue, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with queue.connection() as conn:
+        await conn.execute(
+            sql.SQL("UPDATE {}.schema_migrations SET checksum = 'edited' WHERE version = 1").format(
+                sql.Identifier(queue.schema)
+            )
+        )
+    with caplog.at_level("WARNING", logger="worker_core.queue"):
+        assert await queue.migrate() == []
+    assert "applied migrations differ" in caplog.text
