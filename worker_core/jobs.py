@@ -24,7 +24,15 @@ from typing import Any
 
 from .errors import PayloadError
 
-__all__ = ["TRANSITIONS", "Job", "JobStatus", "Transition", "check_json", "dump_json"]
+__all__ = [
+    "TRANSITIONS",
+    "Job",
+    "JobStatus",
+    "Transition",
+    "check_json",
+    "dump_json",
+    "dump_json_objects",
+]
 
 
 class JobStatus(enum.StrEnum):
@@ -164,6 +172,52 @@ def dump_json(value: Any, what: str = "payload", *, max_bytes: int | None = None
             limit=max_bytes,
         )
     return text
+
+
+def dump_json_objects(
+    values: Sequence[Mapping[str, Any]],
+    label: str = "payloads",
+    *,
+    max_bytes: int | None = None,
+    offset: int = 0,
+) -> str:
+    """A JSON array of JSON objects, checked like ``dump_json`` item by item.
+
+    One C-level ``json.dumps`` over the whole batch is several times faster than one
+    call per item; an item is only serialised on its own to name what is wrong with it.
+    """
+    items: list[Any] = []
+    for i, value in enumerate(values):
+        if type(value) is not dict:
+            if not isinstance(value, Mapping):
+                raise TypeError(
+                    f"{label}[{offset + i}] must be a dict (a JSON object), "
+                    f"not {type(value).__name__}"
+                )
+            value = dict(value)
+        items.append(value)
+    try:
+        text = json.dumps(items, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError, RecursionError):
+        _name_the_bad_item(items, label, max_bytes, offset)
+        raise
+    if "\\u0000" in text:
+        _name_the_bad_item(items, label, max_bytes, offset)
+    if max_bytes is not None and len(text) > max_bytes // 4 and len(text.encode()) > max_bytes:
+        # Some item may be over the limit: check in slices, one by one only where needed.
+        step = 256
+        for start in range(0, len(items), step):
+            part = items[start : start + step]
+            if len(json.dumps(part, ensure_ascii=False).encode()) > max_bytes:
+                _name_the_bad_item(part, label, max_bytes, offset + start)
+    return text
+
+
+def _name_the_bad_item(
+    items: Sequence[Any], label: str, max_bytes: int | None, offset: int = 0
+) -> None:
+    for i, item in enumerate(items):
+        dump_json(item, f"{label}[{offset + i}]", max_bytes=max_bytes)
 
 
 _MAX_DEPTH = 200

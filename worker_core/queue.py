@@ -9,6 +9,7 @@ methods (``claim``, ``heartbeat``, ``finish``, ``rescue``, ``prune``) are what
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import set_json_loads
 
 from .config import WorkerConfig
-from .jobs import Job, JobStatus, dump_json
+from .jobs import Job, JobStatus, dump_json, dump_json_objects
 from .logs import StructuredLogger
 from .redact import mask_dsn
 from .sql import load_queries, migrations, render
@@ -360,7 +361,7 @@ class Queue:
         queue_name = self._queue_name(queue)
         keys = _column(dedupe_keys, n, "dedupe_keys")
         cids = _column(correlation_ids, n, "correlation_ids")
-        texts = self._payload_texts(payloads, label)
+        batches = self._payload_batches(payloads, label) if n else []
         params: dict[str, Any] = {
             "queue": queue_name,
             "priority": _int_param(priority, "priority"),
@@ -380,51 +381,68 @@ class Queue:
                 raise ValueError("correlation_id must be a string of 1 to 200 characters")
         if n == 0:
             return []
-        size = self.config.queue.enqueue_batch_size
         async with self.connection(connection) as conn:
-            if n <= size:
-                return await self._insert(conn, params, texts, keys, cids)
+            if len(batches) == 1:
+                items, text = batches[0]
+                return await self._insert(conn, params, items, text, keys, cids)
             ids: list[int] = []
+            start = 0
             async with conn.transaction():
-                for start in range(0, n, size):
-                    end = start + size
+                for items, text in batches:
+                    end = start + len(items)
                     ids += await self._insert(
-                        conn, params, texts[start:end], keys[start:end], cids[start:end]
+                        conn, params, items, text, keys[start:end], cids[start:end]
                     )
+                    start = end
             return ids
 
-    def _payload_texts(self, payloads: Sequence[Mapping[str, Any]], label: str) -> list[str]:
+    def _payload_batches(
+        self, payloads: Sequence[Mapping[str, Any]], label: str
+    ) -> list[tuple[list[Any], str]]:
+        """Batches of (payloads, their JSON array), every payload checked before any SQL."""
         limit = self.config.queue.max_payload_bytes
-        texts: list[str] = []
-        for i, payload in enumerate(payloads):
-            what = label if label == "payload" else f"{label}[{i}]"
+        if label == "payload":  # a single job: name it "payload" in errors
+            payload = payloads[0]
             if not isinstance(payload, Mapping):
                 raise TypeError(
-                    f"{what} must be a dict (a JSON object), not {type(payload).__name__}"
+                    f"payload must be a dict (a JSON object), not {type(payload).__name__}"
                 )
-            texts.append(dump_json(payload, what, max_bytes=limit))
-        return texts
+            return [([dict(payload)], f"[{dump_json(payload, 'payload', max_bytes=limit)}]")]
+        size = self.config.queue.enqueue_batch_size
+        batches = []
+        for start in range(0, len(payloads), size):
+            part = payloads[start : start + size]
+            text = dump_json_objects(part, label, max_bytes=limit, offset=start)
+            batches.append(([p if type(p) is dict else dict(p) for p in part], text))
+        return batches
 
     async def _insert(
         self,
         conn: AsyncConnection[Any],
         params: dict[str, Any],
-        texts: list[str],
+        items: list[Any],
+        text: str,
         keys: list[str | None],
         cids: list[str | None],
     ) -> list[int]:
-        ids: list[int | None] = [None] * len(texts)
-        pending = list(range(len(texts)))
+        ids: list[int | None] = [None] * len(items)
+        pending = list(range(len(items)))
         for _ in range(5):
-            rows_keys = [keys[i] for i in pending]
+            everything = len(pending) == len(items)
+            rows_keys = keys if everything else [keys[i] for i in pending]
+            rows_cids = cids if everything else [cids[i] for i in pending]
             dedupe = any(k is not None for k in rows_keys)
             cur = await conn.execute(
                 self._sql["enqueue_dedupe" if dedupe else "enqueue"],
                 {
                     **params,
-                    "payloads": [texts[i] for i in pending],
-                    "dedupe_keys": rows_keys,
-                    "correlation_ids": [cids[i] for i in pending],
+                    # Checked and serialised up front; a retry of some rows re-serialises them.
+                    "payloads": text
+                    if everything
+                    else json.dumps([items[i] for i in pending], ensure_ascii=False),
+                    # NULL instead of a list of NULLs: nothing to adapt item by item.
+                    "dedupe_keys": rows_keys if dedupe else None,
+                    "correlation_ids": rows_cids if any(c is not None for c in rows_cids) else None,
                 },
             )
             rows = await cur.fetchall()

@@ -26,17 +26,18 @@ VALUES (%(version)s, %(name)s, %(checksum)s)
 SELECT extnamespace::regnamespace::text AS schema FROM pg_extension WHERE extname = 'vector'
 
 -- name: enqueue
--- One statement per batch: rows arrive as parallel arrays, ids come back in
--- input order (identity values follow the ORDER BY), and at most one NOTIFY is
--- sent, only when something became claimable now.
+-- One statement per batch: the payloads arrive as one JSON array (parsed by the
+-- server, not adapted item by item), dedupe keys and correlation ids as arrays or
+-- NULL. Ids come back in input order (identity values follow the ORDER BY), and
+-- at most one NOTIFY is sent, only when something became claimable now.
 WITH ins AS (
     INSERT INTO {schema}.jobs
         (queue, payload, priority, run_at, max_attempts, dedupe_key, correlation_id)
-    SELECT %(queue)s, r.payload::jsonb, %(priority)s,
+    SELECT %(queue)s, r.payload, %(priority)s,
            coalesce(%(run_at)s::timestamptz, now() + %(delay)s::float8 * interval '1 second', now()),
-           %(max_attempts)s, r.dedupe_key, coalesce(r.correlation_id, gen_random_uuid()::text)
-    FROM unnest(%(payloads)s::text[], %(dedupe_keys)s::text[], %(correlation_ids)s::text[])
-         WITH ORDINALITY AS r(payload, dedupe_key, correlation_id, ord)
+           %(max_attempts)s, (%(dedupe_keys)s::text[])[r.ord],
+           coalesce((%(correlation_ids)s::text[])[r.ord], gen_random_uuid()::text)
+    FROM jsonb_array_elements(%(payloads)s::jsonb) WITH ORDINALITY AS r(payload, ord)
     ORDER BY r.ord
     {on_conflict}
     RETURNING id, dedupe_key, run_at
