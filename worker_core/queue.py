@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -568,18 +569,7 @@ class Queue:
         """
         if not outcomes:
             return set()
-        params = {
-            "owner": owner,
-            "ids": [o.id for o in outcomes],
-            "attempts": [o.attempt for o in outcomes],
-            "statuses": [o.status.value for o in outcomes],
-            "stages": [o.stage for o in outcomes],
-            "states": [o.state for o in outcomes],
-            "refunds": [o.refund for o in outcomes],
-            "deferred": [o.deferred for o in outcomes],
-            "delays": [o.delay for o in outcomes],
-            "errors": [o.error for o in outcomes],
-        }
+        params = {"owner": owner, "outcomes": _outcomes_json(outcomes)}
         async with self.connection(connection) as conn:
             cur = await conn.execute(self._sql["finish"], params)
             written = {r[0] for r in await cur.fetchall()}
@@ -658,6 +648,22 @@ class Queue:
         if any(ord(c) < 32 for c in name):
             raise ValueError(f"queue name {name!r} must not contain control characters")
         return name
+
+
+def _outcomes_json(outcomes: Sequence[Outcome]) -> str:
+    """The ``finish`` batch as one JSON array: state and error are JSON texts already,
+    so they are spliced in rather than parsed and serialised again."""
+    dumps = json.dumps
+    for o in outcomes:
+        if o.delay is not None and not math.isfinite(o.delay):
+            raise ValueError(f"job {o.id}: outcome delay must be finite, got {o.delay!r}")
+    rows = [
+        f'[{o.id},{o.attempt},"{o.status.value}",{dumps(o.stage)},{o.state or "null"},'
+        f"{o.refund},{o.deferred},{'null' if o.delay is None else repr(float(o.delay))},"
+        f"{o.error or 'null'}]"
+        for o in outcomes
+    ]
+    return f"[{','.join(rows)}]"
 
 
 def _column(values: Sequence[Any] | None, n: int, name: str) -> list[Any]:

@@ -121,27 +121,33 @@ RETURNING id
 
 -- name: finish
 -- Writes a batch of outcomes (checkpoint, succeeded, retry, defer, dead,
--- release) in one statement, each fenced by owner and attempt. Delays are
--- computed on the database clock, so worker clock skew cannot move run_at.
+-- release) in one statement, each fenced by owner and attempt. The batch is one
+-- JSON array of [id, attempt, status, stage, state, refund, deferred, delay,
+-- error] rows. Delays are computed on the database clock, so worker clock skew
+-- cannot move run_at.
+WITH u AS (
+    SELECT (o->>0)::bigint AS id, (o->>1)::int AS attempt, o->>2 AS status, o->>3 AS stage,
+           nullif(o->4, 'null'::jsonb) AS state, (o->>5)::int AS refund,
+           (o->>6)::int AS deferred, (o->>7)::float8 AS delay,
+           nullif(o->8, 'null'::jsonb) AS error
+    FROM jsonb_array_elements(%(outcomes)s::jsonb) AS o
+)
 UPDATE {schema}.jobs AS j
 SET status = u.status,
     stage = u.stage,
-    state = coalesce(u.state::jsonb, j.state),
+    state = coalesce(u.state, j.state),
     attempt = j.attempt - u.refund,
     deferrals = j.deferrals + u.deferred,
     run_at = CASE WHEN u.delay IS NULL THEN j.run_at
                   ELSE now() + u.delay * interval '1 second' END,
     lease_owner = CASE WHEN u.status = 'running' THEN j.lease_owner END,
     lease_expires_at = CASE WHEN u.status = 'running' THEN j.lease_expires_at END,
-    last_error = CASE WHEN u.error IS NULL THEN j.last_error ELSE u.error::jsonb END,
+    last_error = coalesce(u.error, j.last_error),
     errors = CASE WHEN u.error IS NULL THEN j.errors
-                  ELSE j.errors || jsonb_build_array(u.error::jsonb) END,
+                  ELSE j.errors || jsonb_build_array(u.error) END,
     finished_at = CASE WHEN u.status IN ('succeeded', 'dead') THEN now() END,
     updated_at = now()
-FROM unnest(%(ids)s::bigint[], %(attempts)s::int[], %(statuses)s::text[], %(stages)s::text[],
-            %(states)s::text[], %(refunds)s::int[], %(deferred)s::int[], %(delays)s::float8[],
-            %(errors)s::text[])
-     AS u(id, attempt, status, stage, state, refund, deferred, delay, error)
+FROM u
 WHERE j.id = u.id AND j.status = 'running' AND j.lease_owner = %(owner)s
   AND j.attempt = u.attempt
 RETURNING j.id
