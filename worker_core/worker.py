@@ -358,6 +358,10 @@ class BaseWorker(abc.ABC):
         restore_signals: Callable[[], None] = _nothing
         server: Any = None
         try:
+            # First, so a SIGTERM while the worker is still connecting is a graceful
+            # stop (exit 0) rather than the default death by signal.
+            if install_signal_handlers:
+                restore_signals = self._install_signal_handlers()
             self._pool = self._given_pool or await open_pool(
                 self.config,
                 max_size=max(
@@ -367,8 +371,6 @@ class BaseWorker(abc.ABC):
             )
             self.queue = Queue(self.config, pool=self._pool)
             await self._check_schema()
-            if install_signal_handlers:
-                restore_signals = self._install_signal_handlers()
             # Attached from the first run on, so a breaker a stage creates later
             # already shares the fleet's state.
             await self._breaker_registry().attach(self.queue)

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from psycopg import sql
 
 from worker_core import Queue
 from worker_core.testing import wait_for
@@ -49,8 +50,13 @@ async def test_repeated_sigterm_loses_no_attempt(queue: Queue, pg_dsn: str) -> N
     started = time.monotonic()
     try:
         for round_ in range(8):
-            await wait_for(lambda: _some_running(queue), timeout=30, what="jobs in flight")
             victim = procs[round_ % 2]
+            # Signal only once the victim itself has jobs in flight: before its
+            # signal handlers are installed, SIGTERM kills it by default (no job
+            # is held then, but the exit code would not show a graceful drain).
+            await wait_for(
+                lambda: _holds_lease(queue, victim.pid), timeout=30, what="victim holds jobs"
+            )
             victim.send_signal(signal.SIGTERM)
             exit_codes.append(await asyncio.to_thread(victim.wait, 30))
             terms += 1
@@ -79,8 +85,16 @@ async def test_repeated_sigterm_loses_no_attempt(queue: Queue, pg_dsn: str) -> N
     assert set(attempts) == {1}
 
 
-async def _some_running(queue: Queue) -> bool:
-    return (await queue.stats())["running"] > 0
+async def _holds_lease(queue: Queue, pid: int) -> bool:
+    async with queue.connection() as conn:
+        cur = await conn.execute(
+            sql.SQL(
+                "SELECT count(*) FROM {}.jobs WHERE status = 'running' AND lease_owner LIKE %s"
+            ).format(sql.Identifier(queue.schema)),
+            (f"%:{pid}:%",),
+        )
+        row = await cur.fetchone()
+    return bool(row and row[0])
 
 
 async def _finished(queue: Queue, jobs: int) -> bool:
