@@ -314,6 +314,16 @@ class MaintenanceSettings(_Section):
     )
     interval: float = Field(default=60.0, gt=0)
     batch_size: int = Field(default=5000, ge=1)
+    vacuum_dead_rows: int | None = Field(
+        default=100_000,
+        ge=1000,
+        description="dead rows on the jobs table above which one worker runs VACUUM on it "
+        "(autovacuum wakes at most once per autovacuum_naptime, 1 min by default, too "
+        "seldom for a busy queue); None leaves the table to autovacuum",
+    )
+    vacuum_check_interval: float = Field(
+        default=2.0, gt=0, description="how often a worker reads the jobs table's dead rows"
+    )
 
 
 class WorkerConfig(BaseSettings):

@@ -104,6 +104,7 @@ class ProcessingMetrics:
         self.leases_lost = 0
         self.rescued = 0
         self.pruned = 0
+        self.vacuums = 0
         self.claimed = 0
         self.in_flight = 0
         # Attempt durations by outcome: succeeded, retried, deferred, dead.
@@ -160,6 +161,10 @@ class ProcessingMetrics:
     def jobs_pruned(self, n: int) -> None:
         """Finished jobs deleted by retention."""
         self.pruned += n
+
+    def table_vacuumed(self) -> None:
+        """The jobs table was vacuumed by this worker (dead rows over the threshold)."""
+        self.vacuums += 1
 
     def stage_completed(self, stage: str, seconds: float) -> None:
         self._stage(stage).completed.observe(seconds)
@@ -219,6 +224,7 @@ class ProcessingMetrics:
             "leases_lost": self.leases_lost,
             "rescued": self.rescued,
             "pruned": self.pruned,
+            "vacuums": self.vacuums,
             "claimed": self.claimed,
             "in_flight": self.in_flight,
         }
@@ -407,6 +413,8 @@ class MetricsCollector:
             jobs.add((*q, ("outcome", outcome)), value)
         claimed = fam("jobs_claimed", "counter", "Jobs claimed from the queue.")
         claimed.add(q, m.claimed)
+        vacuums = fam("table_vacuums", "counter", "VACUUMs of the jobs table run by this worker.")
+        vacuums.add(q, m.vacuums)
         errors = fam("attempt_errors", "counter", "Failed attempts by exception type (capped).")
         for error_type, count in list(m._errors.items()):
             errors.add((*q, ("error_type", error_type)), count)

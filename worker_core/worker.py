@@ -382,6 +382,7 @@ class BaseWorker(abc.ABC):
                 asyncio.create_task(self._heartbeat_loop(), name="worker_core.heartbeat"),
                 asyncio.create_task(self._listen_loop(), name="worker_core.listener"),
                 asyncio.create_task(self._maintenance_loop(), name="worker_core.maintenance"),
+                asyncio.create_task(self._vacuum_loop(), name="worker_core.vacuum"),
             ]
             if self.config.health.http_port is not None:
                 from .health import HealthServer
@@ -990,12 +991,61 @@ class BaseWorker(abc.ABC):
                 )
             await asyncio.sleep(settings.interval)
 
-    async def prune(self, *, max_batches: int = 20) -> int:
-        """Delete finished jobs past retention, up to ``max_batches`` batches; returns rows."""
+    async def _vacuum_loop(self) -> None:
+        settings = self.config.maintenance
+        if settings.vacuum_dead_rows is None:
+            return
+        await asyncio.sleep(settings.vacuum_check_interval * self._rng.random())
+        while True:
+            try:
+                await self.vacuum()
+            except asyncio.CancelledError:
+                raise
+            except PermissionError as exc:
+                self.logger.warning(
+                    "not vacuuming the jobs table: leaving it to autovacuum",
+                    reason=str(exc),
+                )
+                return
+            except Exception as exc:
+                self.logger.warning(
+                    "vacuuming the jobs table failed",
+                    error=redact_text(str(exc)),
+                    error_type=type(exc).__name__,
+                )
+            await asyncio.sleep(settings.vacuum_check_interval)
+
+    async def vacuum(self) -> int | None:
+        """VACUUM the jobs table if it holds ``maintenance.vacuum_dead_rows`` dead rows
+        or more and no other worker is vacuuming it; returns the dead rows or None."""
+        assert self.queue is not None
+        threshold = self.config.maintenance.vacuum_dead_rows
+        if threshold is None:
+            return None
+        started = time.monotonic()
+        dead_rows = await self.queue.vacuum(min_dead_rows=threshold)
+        if dead_rows is not None:
+            self.metrics.table_vacuumed()
+            self.logger.info(
+                "vacuumed the jobs table",
+                dead_rows=dead_rows,
+                seconds=round(time.monotonic() - started, 3),
+            )
+        return dead_rows
+
+    async def prune(self, *, max_batches: int | None = None) -> int:
+        """Delete finished jobs past retention in batches of ``maintenance.batch_size``
+        until caught up (or ``max_batches`` batches); returns the rows deleted.
+
+        Not capped by default: a fleet finishing more jobs per interval than a
+        fixed number of batches would otherwise grow the table without end.
+        """
         assert self.queue is not None
         settings = self.config.maintenance
         total = 0
-        for _ in range(max_batches):
+        batches = 0
+        while max_batches is None or batches < max_batches:
+            batches += 1
             deleted = await self.queue.prune(
                 retention_seconds=settings.retention_seconds,
                 dead_retention_seconds=settings.dead_retention_seconds,

@@ -55,7 +55,9 @@ async def test_repeated_sigterm_loses_no_attempt(queue: Queue, pg_dsn: str) -> N
             # signal handlers are installed, SIGTERM kills it by default (no job
             # is held then, but the exit code would not show a graceful drain).
             await wait_for(
-                lambda: _holds_lease(queue, victim.pid), timeout=30, what="victim holds jobs"
+                lambda pid=victim.pid: _holds_lease(queue, pid),
+                timeout=30,
+                what="victim holds jobs",
             )
             victim.send_signal(signal.SIGTERM)
             exit_codes.append(await asyncio.to_thread(victim.wait, 30))

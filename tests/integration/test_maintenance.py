@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from psycopg import sql
+from psycopg import AsyncConnection, sql
 
 from worker_core import BaseWorker, JobStatus, Queue, StageContext, WorkerConfig
+from worker_core.testing import wait_for
 
 
 class Noop:
@@ -67,6 +68,20 @@ async def test_prune_respects_retention_per_status(
     assert await worker.prune() == 0
 
 
+async def test_prune_catches_up_beyond_any_fixed_number_of_batches(
+    queue: Queue, make_config: Callable[..., WorkerConfig]
+) -> None:
+    ids = await queue.enqueue_many([{"i": i} for i in range(50)])
+    config = make_config(maintenance={"retention_seconds": 60, "batch_size": 2})
+    await finish_all(queue, config)
+    await backdate(queue, ids, 3600)
+    worker = NoopWorker(config)
+    worker.queue = queue
+    assert await worker.prune(max_batches=3) == 6  # an explicit cap still holds
+    assert await worker.prune() == 44  # 22 full batches: more than the old cap of 20
+    assert (await queue.stats())["succeeded"] == 0
+
+
 async def test_dead_jobs_are_kept_unless_configured(queue: Queue) -> None:
     [job_id] = await queue.enqueue_many([{}])
     [job] = await queue.claim("w", 1, lease_seconds=30)
@@ -122,3 +137,52 @@ async def _explain(queue: Queue) -> list[str]:
             {"queue": "test", "limit": 10, "owner": "w", "lease": 30.0},
         )
         return [r[0] for r in await cur.fetchall()]
+
+
+async def dead_rows(queue: Queue) -> int:
+    [(n,)] = await execute(
+        queue,
+        "SELECT n_dead_tup FROM pg_stat_user_tables WHERE schemaname = %s AND relname = 'jobs'",
+        queue.schema,
+    )
+    return int(n)
+
+
+async def test_vacuum_runs_over_the_threshold_and_once_across_the_fleet(
+    queue: Queue, make_config: Callable[..., WorkerConfig], pg_dsn: str
+) -> None:
+    await queue.enqueue_many([{"i": i} for i in range(1500)])
+    async with queue.connection() as conn:
+        await conn.execute(
+            sql.SQL("DELETE FROM {}.jobs").format(sql.Identifier(queue.schema))
+        )  # 1,500 dead rows
+        await conn.execute("SELECT pg_stat_force_next_flush()")
+    await wait_for(lambda: _at_least(queue, 1500), what="dead rows in the statistics")
+
+    idle = NoopWorker(make_config(maintenance={"vacuum_dead_rows": 1_000_000}))
+    idle.queue = queue
+    assert await idle.vacuum() is None  # under its threshold
+
+    worker = NoopWorker(make_config(maintenance={"vacuum_dead_rows": 1000}))
+    worker.queue = queue
+    async with await AsyncConnection.connect(pg_dsn, autocommit=True) as other:
+        await other.execute(
+            "SELECT pg_advisory_lock(hashtext('worker_core.vacuum'), hashtext(%s))",
+            (queue.schema,),
+        )
+        assert await worker.vacuum() is None  # another worker is vacuuming
+    assert await worker.vacuum() == 1500
+    assert worker.metrics.vacuums == 1
+    [(last_vacuum,)] = await execute(
+        queue,
+        "SELECT last_vacuum FROM pg_stat_user_tables WHERE schemaname = %s AND relname = 'jobs'",
+        queue.schema,
+    )
+    assert last_vacuum is not None
+    off = NoopWorker(make_config(maintenance={"vacuum_dead_rows": None}))
+    off.queue = queue
+    assert await off.vacuum() is None
+
+
+async def _at_least(queue: Queue, n: int) -> bool:
+    return await dead_rows(queue) >= n

@@ -357,3 +357,21 @@ async def test_migrate_warns_when_an_applied_migration_changed(
     with caplog.at_level("WARNING", logger="worker_core.queue"):
         assert await queue.migrate() == []
     assert "applied migrations differ" in caplog.text
+
+
+async def test_only_a_running_job_may_have_a_lease_owner(queue: Queue) -> None:
+    # heartbeat and finish fence on the owner alone; the schema guarantees that an
+    # owner means status 'running'.
+    job_id = await queue.enqueue({"x": 1})
+    async with queue.connection() as conn:
+        with pytest.raises(psycopg.errors.CheckViolation, match="lease_owner_only_when_running"):
+            await conn.execute(
+                sql.SQL("UPDATE {}.jobs SET lease_owner = 'w' WHERE id = %s").format(
+                    sql.Identifier(queue.schema)
+                ),
+                (job_id,),
+            )
+    [job] = await queue.claim("w", 1, lease_seconds=30)
+    assert job.lease_owner == "w"
+    assert await queue.heartbeat("other", [job.id], lease_seconds=30) == set()
+    assert await queue.heartbeat("w", [job.id], lease_seconds=30) == {job.id}

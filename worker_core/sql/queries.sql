@@ -113,10 +113,12 @@ RETURNING j.id, j.queue, j.payload, j.status, j.stage, j.state, j.attempt, j.max
 
 -- name: heartbeat
 -- One statement renews every lease a worker holds; an id missing from the
--- result is a lease this worker lost.
+-- result is a lease this worker lost. A lease owner implies status 'running'
+-- (constraint jobs_lease_owner_only_when_running), so the rows are found by
+-- primary key, never through the lease index and its dead entries.
 UPDATE {schema}.jobs
 SET lease_expires_at = now() + %(lease)s::float8 * interval '1 second'
-WHERE id = ANY(%(ids)s::bigint[]) AND status = 'running' AND lease_owner = %(owner)s
+WHERE id = ANY(%(ids)s::bigint[]) AND lease_owner = %(owner)s
 RETURNING id
 
 -- name: finish
@@ -124,7 +126,7 @@ RETURNING id
 -- release) in one statement, each fenced by owner and attempt. The batch is one
 -- JSON array of [id, attempt, status, stage, state, refund, deferred, delay,
 -- error] rows. Delays are computed on the database clock, so worker clock skew
--- cannot move run_at.
+-- cannot move run_at. The owner fence implies status 'running' (see heartbeat).
 WITH u AS (
     SELECT (o->>0)::bigint AS id, (o->>1)::int AS attempt, o->>2 AS status, o->>3 AS stage,
            nullif(o->4, 'null'::jsonb) AS state, (o->>5)::int AS refund,
@@ -148,8 +150,7 @@ SET status = u.status,
     finished_at = CASE WHEN u.status IN ('succeeded', 'dead') THEN now() END,
     updated_at = now()
 FROM u
-WHERE j.id = u.id AND j.status = 'running' AND j.lease_owner = %(owner)s
-  AND j.attempt = u.attempt
+WHERE j.id = u.id AND j.lease_owner = %(owner)s AND j.attempt = u.attempt
 RETURNING j.id
 
 -- name: rescue
@@ -230,6 +231,18 @@ SELECT s.n_live_tup, s.n_dead_tup, s.last_autovacuum, s.last_vacuum,
        (SELECT max(age(r.xmin)) FROM pg_replication_slots AS r) AS oldest_slot_xmin_age
 FROM pg_stat_user_tables AS s
 WHERE s.schemaname = %(schema)s AND s.relname = 'jobs'
+
+-- name: vacuum_check
+-- Dead rows on the jobs table (from the statistics system: no scan), and whether
+-- this role may VACUUM it (it owns the table or is a member of the owner role).
+SELECT s.n_dead_tup AS dead_rows, pg_has_role(c.relowner, 'USAGE') AS may_vacuum
+FROM pg_stat_user_tables AS s JOIN pg_class AS c ON c.oid = s.relid
+WHERE s.schemaname = %(schema)s AND s.relname = 'jobs'
+
+-- name: vacuum_lock
+-- One VACUUM per schema across the fleet; a session lock, because VACUUM cannot
+-- run inside a transaction. Released when the dedicated connection closes.
+SELECT pg_try_advisory_lock(hashtext('worker_core.vacuum'), hashtext(%(schema)s))
 
 -- name: stage_counts
 -- For `worker-core status`: jobs by status and last completed stage.
