@@ -26,20 +26,9 @@ from typing import Any
 
 from _common import database, drop_schema, new_schema, run, server_version, summary
 from psycopg import AsyncConnection
+from throughput import NoopWorker
 
 from worker_core import BaseWorker, Queue, StageContext, WorkerConfig
-
-
-class Noop:
-    name = "noop"
-
-    async def run(self, ctx: StageContext) -> None:
-        return None
-
-
-class NoopWorker(BaseWorker):
-    def stages(self) -> list[Any]:
-        return [Noop()]
 
 
 def make_config(

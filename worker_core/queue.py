@@ -645,39 +645,38 @@ class Queue:
         """VACUUM the jobs table when it has at least ``min_dead_rows`` dead rows.
 
         Returns the dead rows it started from, or None when it did not vacuum (too
-        few dead rows, or another session of the fleet is vacuuming this schema).
-        Raises ``PermissionError`` when this role does not own the table. Runs on a
-        dedicated connection, closed afterwards, so the fleet-wide session lock can
-        never stay behind in the pool.
+        few dead rows, or another session is vacuuming the table: ``SKIP_LOCKED``
+        makes it one VACUUM at a time across the fleet without a lock of ours, so
+        it also works through PgBouncer's transaction pooling). Raises
+        ``PermissionError`` when this role does not own the table.
         """
         async with self.connection() as conn:
             cur = await conn.execute(self._sql["vacuum_check"], {"schema": self.schema})
             row = await cur.fetchone()
-        if row is None:
-            return None  # no statistics yet
-        dead_rows, may_vacuum = int(row[0] or 0), bool(row[1])
-        if dead_rows < min_dead_rows:
-            return None
-        if not may_vacuum:
-            raise PermissionError(
-                f"this role may not VACUUM {self.schema}.jobs (it is not the table's owner)"
-            )
-        db = self.config.database
-        conn = await AsyncConnection.connect(
-            self.config.dsn(),
-            autocommit=True,
-            connect_timeout=max(1, int(db.connect_timeout)),
-            application_name=f"{db.application_name}.vacuum",
-        )
-        async with conn:
-            cur = await conn.execute(self._sql["vacuum_lock"], {"schema": self.schema})
-            locked = await cur.fetchone()
-            if not (locked and locked[0]):
+            if row is None:
+                return None  # no statistics yet
+            dead_rows, may_vacuum = int(row[0] or 0), bool(row[1])
+            if dead_rows < min_dead_rows:
                 return None
-            await conn.execute(
-                sql.SQL("VACUUM {}.jobs").format(sql.Identifier(self.schema)), prepare=False
-            )
-        return dead_rows
+            if not may_vacuum:
+                raise PermissionError(
+                    f"this role may not VACUUM {self.schema}.jobs (it is not the table's owner)"
+                )
+            skipped: list[str] = []
+
+            def on_notice(diag: Any) -> None:
+                if diag.sqlstate == "55P03":  # lock_not_available: skipped
+                    skipped.append(diag.message_primary or "")
+
+            conn.add_notice_handler(on_notice)
+            try:
+                await conn.execute(
+                    sql.SQL("VACUUM (SKIP_LOCKED) {}.jobs").format(sql.Identifier(self.schema)),
+                    prepare=False,
+                )
+            finally:
+                conn.remove_notice_handler(on_notice)
+        return None if skipped else dead_rows
 
     def _queue_name(self, queue: str | None) -> str:
         name = self.config.queue.name if queue is None else queue

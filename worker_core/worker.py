@@ -245,6 +245,7 @@ class BaseWorker(abc.ABC):
         self._stopping = asyncio.Event()
         self._stopped = asyncio.Event()
         self._force = False
+        self._may_not_vacuum = False  # the role does not own the jobs table
         self._maybe_work = True
         self._stages: list[Stage] = []
         self._rng = random.Random()
@@ -974,56 +975,50 @@ class BaseWorker(abc.ABC):
 
     async def _maintenance_loop(self) -> None:
         settings = self.config.maintenance
-        if settings.retention_seconds is None and settings.dead_retention_seconds is None:
-            return
-        # Start at a random point of the interval so a fleet started together spreads out.
-        await asyncio.sleep(settings.interval * self._rng.random())
-        while True:
-            try:
-                await self.prune()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                self.logger.warning(
-                    "pruning finished jobs failed",
-                    error=redact_text(str(exc)),
-                    error_type=type(exc).__name__,
-                )
-            await asyncio.sleep(settings.interval)
+        if settings.retention_seconds is not None or settings.dead_retention_seconds is not None:
+            await self._every(settings.interval, self.prune, "pruning finished jobs failed")
 
     async def _vacuum_loop(self) -> None:
         settings = self.config.maintenance
-        if settings.vacuum_dead_rows is None:
-            return
-        await asyncio.sleep(settings.vacuum_check_interval * self._rng.random())
+        if settings.vacuum_dead_rows is not None:
+            await self._every(
+                settings.vacuum_check_interval, self.vacuum, "vacuuming the jobs table failed"
+            )
+
+    async def _every(
+        self, interval: float, action: Callable[[], Awaitable[object]], failed: str
+    ) -> None:
+        """Run ``action`` every ``interval`` seconds until cancelled; a failure is
+        logged and retried at the next tick."""
+        # Start at a random point of the interval so a fleet started together spreads out.
+        await asyncio.sleep(interval * self._rng.random())
         while True:
             try:
-                await self.vacuum()
+                await action()
             except asyncio.CancelledError:
                 raise
-            except PermissionError as exc:
-                self.logger.warning(
-                    "not vacuuming the jobs table: leaving it to autovacuum",
-                    reason=str(exc),
-                )
-                return
             except Exception as exc:
                 self.logger.warning(
-                    "vacuuming the jobs table failed",
-                    error=redact_text(str(exc)),
-                    error_type=type(exc).__name__,
+                    failed, error=redact_text(str(exc)), error_type=type(exc).__name__
                 )
-            await asyncio.sleep(settings.vacuum_check_interval)
+            await asyncio.sleep(interval)
 
     async def vacuum(self) -> int | None:
         """VACUUM the jobs table if it holds ``maintenance.vacuum_dead_rows`` dead rows
         or more and no other worker is vacuuming it; returns the dead rows or None."""
         assert self.queue is not None
         threshold = self.config.maintenance.vacuum_dead_rows
-        if threshold is None:
+        if threshold is None or self._may_not_vacuum:
             return None
         started = time.monotonic()
-        dead_rows = await self.queue.vacuum(min_dead_rows=threshold)
+        try:
+            dead_rows = await self.queue.vacuum(min_dead_rows=threshold)
+        except PermissionError as exc:
+            self._may_not_vacuum = True
+            self.logger.warning(
+                "not vacuuming the jobs table: leaving it to autovacuum", reason=str(exc)
+            )
+            return None
         if dead_rows is not None:
             self.metrics.table_vacuumed()
             self.logger.info(

@@ -239,11 +239,6 @@ SELECT s.n_dead_tup AS dead_rows, pg_has_role(c.relowner, 'USAGE') AS may_vacuum
 FROM pg_stat_user_tables AS s JOIN pg_class AS c ON c.oid = s.relid
 WHERE s.schemaname = %(schema)s AND s.relname = 'jobs'
 
--- name: vacuum_lock
--- One VACUUM per schema across the fleet; a session lock, because VACUUM cannot
--- run inside a transaction. Released when the dedicated connection closes.
-SELECT pg_try_advisory_lock(hashtext('worker_core.vacuum'), hashtext(%(schema)s))
-
 -- name: stage_counts
 -- For `worker-core status`: jobs by status and last completed stage.
 SELECT status, coalesce(stage, '-') AS stage, count(*) AS n
