@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 from typing import Any
 
+import psycopg
+import pytest
 from psycopg import AsyncConnection, sql
+from psycopg.conninfo import make_conninfo
 
 from worker_core import BaseWorker, JobStatus, Queue, StageContext, WorkerConfig
 from worker_core.testing import wait_for
@@ -151,13 +155,7 @@ async def dead_rows(queue: Queue) -> int:
 async def test_vacuum_runs_over_the_threshold_and_once_across_the_fleet(
     queue: Queue, make_config: Callable[..., WorkerConfig], pg_dsn: str
 ) -> None:
-    await queue.enqueue_many([{"i": i} for i in range(1500)])
-    async with queue.connection() as conn:
-        await conn.execute(
-            sql.SQL("DELETE FROM {}.jobs").format(sql.Identifier(queue.schema))
-        )  # 1,500 dead rows
-        await conn.execute("SELECT pg_stat_force_next_flush()")
-    await wait_for(lambda: _at_least(queue, 1500), what="dead rows in the statistics")
+    await make_dead_rows(queue, 1500)
 
     idle = NoopWorker(make_config(maintenance={"vacuum_dead_rows": 1_000_000}))
     idle.queue = queue
@@ -187,5 +185,49 @@ async def test_vacuum_runs_over_the_threshold_and_once_across_the_fleet(
     assert await off.vacuum() is None
 
 
+async def make_dead_rows(queue: Queue, n: int) -> None:
+    await queue.enqueue_many([{"i": i} for i in range(n)])
+    async with queue.connection() as conn:
+        await conn.execute(sql.SQL("DELETE FROM {}.jobs").format(sql.Identifier(queue.schema)))
+        await conn.execute("SELECT pg_stat_force_next_flush()")
+    await wait_for(lambda: _at_least(queue, n), what="dead rows in the statistics")
+
+
 async def _at_least(queue: Queue, n: int) -> bool:
     return await dead_rows(queue) >= n
+
+
+async def test_a_role_that_does_not_own_the_table_leaves_it_to_autovacuum(
+    queue: Queue,
+    make_config: Callable[..., WorkerConfig],
+    pg_dsn: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    await make_dead_rows(queue, 1500)
+    role = f"wc_worker_{uuid.uuid4().hex[:8]}"
+    ident, schema = sql.Identifier(role), sql.Identifier(queue.schema)
+    async with await AsyncConnection.connect(pg_dsn, autocommit=True) as admin:
+        try:
+            await admin.execute(sql.SQL("CREATE ROLE {} LOGIN").format(ident))
+        except psycopg.errors.InsufficientPrivilege:
+            pytest.skip("the test database's role may not create roles")
+        await admin.execute(sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(schema, ident))
+        await admin.execute(
+            sql.SQL("GRANT SELECT, UPDATE ON ALL TABLES IN SCHEMA {} TO {}").format(schema, ident)
+        )
+        try:
+            dsn = make_conninfo(pg_dsn, user=role, password="")
+            config = make_config(database={"dsn": dsn}, maintenance={"vacuum_dead_rows": 1000})
+            async with Queue(config) as limited:
+                with pytest.raises(PermissionError, match="not the table's owner"):
+                    await limited.vacuum(min_dead_rows=0)
+                worker = NoopWorker(config)
+                worker.queue = limited
+                with caplog.at_level("WARNING", logger="worker_core.worker"):
+                    assert await worker.vacuum() is None
+                    assert await worker.vacuum() is None  # no second query, no second line
+                assert caplog.text.count("leaving it to autovacuum") == 1
+                assert worker.metrics.vacuums == 0
+        finally:
+            await admin.execute(sql.SQL("DROP OWNED BY {}").format(ident))
+            await admin.execute(sql.SQL("DROP ROLE {}").format(ident))
