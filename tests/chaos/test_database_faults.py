@@ -69,6 +69,13 @@ async def drain_with_faults(
                 timeout=60,
                 what=f"progress before fault {n + 1}",
             )
+            # Each fault must cut a live LISTEN connection: a listener still backing
+            # off from the previous one would count two faults as one reconnect.
+            await wait_for(
+                lambda n=n: _listening(workers, connects=1 + n),
+                timeout=30,
+                what=f"LISTEN back before fault {n + 1}",
+            )
             await inject()
         await wait_for(
             lambda: _all_done(queue, ids), timeout=120, interval=0.2, what="every job succeeded"
@@ -82,8 +89,8 @@ async def drain_with_faults(
     return seen, workers, time.monotonic() - started
 
 
-async def _listening(workers: list[BaseWorker]) -> bool:
-    return all(w.listener_connected for w in workers)
+async def _listening(workers: list[BaseWorker], connects: int = 1) -> bool:
+    return all(w.listener_connected and w.listener_connects >= connects for w in workers)
 
 
 async def _progress(seen: Counter[int], n: int) -> bool:
