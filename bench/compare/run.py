@@ -1,6 +1,6 @@
 """Side-by-side benchmark: worker_core vs procrastinate vs pgqueuer (issue 7).
 
-    python bench/compare/run.py            # full run: 3 repeats, ~15-20 minutes
+    python bench/compare/run.py            # full run: 3 repeats, ~13-15 minutes
     python bench/compare/run.py --quick    # smoke test: fewer jobs, 1 repeat, ~2 minutes
 
 Run it with any Python 3.11+ (the project's .venv is fine): it creates (once) its own
