@@ -662,11 +662,11 @@ class Queue:
                 raise PermissionError(
                     f"this role may not VACUUM {self.schema}.jobs (it is not the table's owner)"
                 )
-            skipped: list[str] = []
+            skipped = False
 
             def on_notice(diag: Any) -> None:
-                if diag.sqlstate == "55P03":  # lock_not_available: skipped
-                    skipped.append(diag.message_primary or "")
+                nonlocal skipped
+                skipped = skipped or diag.sqlstate == "55P03"  # lock_not_available
 
             conn.add_notice_handler(on_notice)
             try:

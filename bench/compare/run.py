@@ -700,60 +700,25 @@ async def run_plan(plan: Plan, admin: str, results: Results) -> None:
                     show(title, key, value, "jobs/s", f"(N={n:,})")
         if "latency" in plan.scenarios:
             title = f"latency, 10 ms jobs at {plan.latency_rate:g}/s, c=50"
-            floor50 = results.cell(
-                "latency-p50",
-                title + ": p50",
-                FLOOR,
-                "ms",
-                None,
-                jobs=plan.latency_jobs,
-                higher_is_better=False,
-                settings="a task sleeping 10 ms per job, no database",
-            )
-            floor99 = results.cell(
-                "latency-p99",
-                title + ": p99",
-                FLOOR,
-                "ms",
-                None,
-                jobs=plan.latency_jobs,
-                higher_is_better=False,
-                settings=floor50.settings,
-            )
-            value = await guarded(results, floor50, title, measure_latency_floor(plan))
-            if value is not None:
-                floor50.values.append(value[0])
-                floor99.values.append(value[1])
-                show(
-                    title,
-                    FLOOR,
-                    value[0],
-                    "ms p50",
-                    f"p99 {value[1]:.2f} ms, paced at {value[2]:.1f}/s",
+
+            async def latency_row(
+                title: str, key: str, baseline: str | None, settings: str, measurement: Any
+            ) -> None:
+                """One p50 cell and one p99 cell from one paced measurement."""
+                p50, p99 = (
+                    results.cell(
+                        f"latency-{q}",
+                        f"{title}: {q}",
+                        key,
+                        "ms",
+                        baseline,
+                        jobs=plan.latency_jobs,
+                        settings=settings,
+                        higher_is_better=False,
+                    )
+                    for q in ("p50", "p99")
                 )
-            for key in libs:
-                lib = LIBS[key]
-                p50 = results.cell(
-                    "latency-p50",
-                    title + ": p50",
-                    key,
-                    "ms",
-                    FLOOR,
-                    jobs=plan.latency_jobs,
-                    settings=lib.settings(50, 1),
-                    higher_is_better=False,
-                )
-                p99 = results.cell(
-                    "latency-p99",
-                    title + ": p99",
-                    key,
-                    "ms",
-                    FLOOR,
-                    jobs=plan.latency_jobs,
-                    settings=lib.settings(50, 1),
-                    higher_is_better=False,
-                )
-                value = await guarded(results, p50, title, measure_latency(plan, admin, lib, 50))
+                value = await guarded(results, p50, title, measurement)
                 if value is not None:
                     p50.values.append(value[0])
                     p99.values.append(value[1])
@@ -766,6 +731,19 @@ async def run_plan(plan: Plan, admin: str, results: Results) -> None:
                     )
                 elif p50.errors:
                     p99.errors.extend(p50.errors[-1:])
+
+            await latency_row(
+                title,
+                FLOOR,
+                None,
+                "a task sleeping 10 ms per job, no database",
+                measure_latency_floor(plan),
+            )
+            for key in libs:
+                lib = LIBS[key]
+                await latency_row(
+                    title, key, FLOOR, lib.settings(50, 1), measure_latency(plan, admin, lib, 50)
+                )
 
 
 # -- report -----------------------------------------------------------------------------------------
