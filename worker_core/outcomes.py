@@ -244,8 +244,10 @@ def error_record(
 
     ``type``, ``message``, ``stage``, ``attempt``, ``kind``, ``at``, ``worker``,
     and when present ``note``, ``detail``, ``retry_after`` and ``traceback``.
-    ``truncated`` maps each field that was cut to its original size (characters
-    for text, bytes for ``detail``). Never raises for any exception object.
+    ``truncated`` maps each field that was cut to its size before the cut
+    (characters for ``message`` and ``traceback``; for ``detail`` the bytes of its
+    JSON, with text cut before encoding counted in characters); a cut ``detail``
+    is the start of that JSON, as a string. Never raises for any exception object.
     """
     known = tuple(secrets)
     truncated: dict[str, int] = {}
@@ -322,48 +324,63 @@ def _text(
 
 
 def _detail(detail: Mapping[str, Any], secrets: tuple[str, ...], truncated: dict[str, int]) -> Any:
+    walk = _Walk()
     try:
-        bounded = _storable(detail, 0)
+        bounded = walk.storable(detail, 0)
         redacted = redact_value(bounded, secrets=secrets)
         text = json.dumps(redacted, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
     except Exception as exc:  # a detail we cannot even walk still leaves its record
         return f"<detail could not be stored: {type(exc).__name__}>"
     size = len(text.encode())
-    if size <= MAX_DETAIL_BYTES:
+    if size <= MAX_DETAIL_BYTES and not walk.cut:
         return redacted
-    truncated["detail"] = size
+    truncated["detail"] = size + walk.cut
     return text.encode()[:MAX_DETAIL_BYTES].decode("utf-8", "ignore")
 
 
-def _storable(value: Any, depth: int) -> Any:
-    """A JSON-native copy of ``value``: strings cleaned and cut, containers cut, floats
-    finite, anything else by its (cut) repr; no deeper than ``_DETAIL_DEPTH``."""
-    if value is None or isinstance(value, bool):
-        return value
-    if isinstance(value, int):  # str() of a huge int raises; jsonb would store it whole
-        return value if abs(value) < 2**63 else f"<int of {value.bit_length()} bits>"
-    if isinstance(value, float):
-        return value if math.isfinite(value) else repr(value)
-    limit = MAX_DETAIL_BYTES * _PRE_CUT
-    if isinstance(value, str):
-        return clean_text(value[:limit])
-    if depth >= _DETAIL_DEPTH:
-        return "…"
-    if isinstance(value, Mapping):
-        out: dict[str, Any] = {}
-        for i, (key, sub) in enumerate(value.items()):
-            if i >= _DETAIL_ITEMS:
-                out["…"] = f"{len(value) - i} more"
-                break
-            out[clean_text(str(key)[:_MAX_NAME])] = _storable(sub, depth + 1)
-        return out
-    if isinstance(value, list | tuple):
-        items = [_storable(sub, depth + 1) for sub in value[:_DETAIL_ITEMS]]
-        if len(value) > _DETAIL_ITEMS:
-            items.append(f"… {len(value) - _DETAIL_ITEMS} more")
-        return items
-    try:
-        text = repr(value)
-    except Exception:
-        text = f"<{type(value).__name__}>"
-    return clean_text(text[:limit])
+class _Walk:
+    """Makes a JSON-native copy of a detail: strings cleaned and cut, containers cut,
+    floats finite, anything else by its (cut) repr, no deeper than ``_DETAIL_DEPTH``;
+    counts what it cut (``cut``, in characters), so the record can say so."""
+
+    __slots__ = ("cut",)
+
+    def __init__(self) -> None:
+        self.cut = 0
+
+    def text(self, text: str) -> str:
+        limit = MAX_DETAIL_BYTES * _PRE_CUT
+        if len(text) > limit:
+            self.cut += len(text) - limit
+            text = text[:limit]
+        return clean_text(text)
+
+    def storable(self, value: Any, depth: int) -> Any:
+        if value is None or isinstance(value, bool):
+            return value
+        if isinstance(value, int):  # str() of a huge int raises; jsonb would store it whole
+            return value if abs(value) < 2**63 else f"<int of {value.bit_length()} bits>"
+        if isinstance(value, float):
+            return value if math.isfinite(value) else repr(value)
+        if isinstance(value, str):
+            return self.text(value)
+        if depth >= _DETAIL_DEPTH:
+            return "…"
+        if isinstance(value, Mapping):
+            out: dict[str, Any] = {}
+            for i, (key, sub) in enumerate(value.items()):
+                if i >= _DETAIL_ITEMS:
+                    out["…"] = f"{len(value) - i} more"
+                    break
+                out[clean_text(str(key)[:_MAX_NAME])] = self.storable(sub, depth + 1)
+            return out
+        if isinstance(value, list | tuple):
+            items = [self.storable(sub, depth + 1) for sub in value[:_DETAIL_ITEMS]]
+            if len(value) > _DETAIL_ITEMS:
+                items.append(f"… {len(value) - _DETAIL_ITEMS} more")
+            return items
+        try:
+            text = repr(value)
+        except Exception:
+            text = f"<{type(value).__name__}>"
+        return self.text(text)
