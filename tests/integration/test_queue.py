@@ -405,6 +405,14 @@ async def test_only_a_running_job_may_have_a_lease_owner(queue: Queue) -> None:
                 ),
                 (job_id,),
             )
+        # Nor a token (a previous release's rescue would otherwise leave one behind).
+        with pytest.raises(psycopg.errors.CheckViolation, match="lease_token_only_when_running"):
+            await conn.execute(
+                sql.SQL("UPDATE {}.jobs SET lease_token = gen_random_uuid() WHERE id = %s").format(
+                    sql.Identifier(queue.schema)
+                ),
+                (job_id,),
+            )
     [job] = await queue.claim("w", 1, lease_seconds=30)
     assert job.lease_owner == "w"
     assert await queue.heartbeat([(job.id, str(uuid.uuid4()))], lease_seconds=30) == set()

@@ -5,10 +5,18 @@
 -- checkpoint, outcome, release) names it. (lease_owner, attempt) was not unique
 -- over a job's life: a deferral gives the attempt back, so a stale run of the same
 -- worker could match a newer claim of the same job. A token never repeats.
--- No constraint ties it to status 'running' (every fence names the status too):
--- workers of the previous release, still running during a rolling deploy, leave
--- jobs running without setting or clearing it.
 ALTER TABLE {schema}.jobs ADD COLUMN lease_token uuid;
+
+-- Only a running job has a token: every way out of 'running' clears it. The
+-- database holds this too, so no token outlives its claim, even while workers of
+-- the previous release (which know nothing of tokens) still run during a rolling
+-- deploy: their rescue statement fails on a job claimed by a new worker (and
+-- logs "heartbeat failed") instead of leaving its token on a queued row, and the
+-- new workers rescue it. NOT VALID: no full-table scan under an exclusive lock;
+-- every existing row has no token.
+ALTER TABLE {schema}.jobs
+    ADD CONSTRAINT jobs_lease_token_only_when_running
+    CHECK (lease_token IS NULL OR status = 'running') NOT VALID;
 
 -- How many error records were dropped from the middle of `errors` to keep it
 -- bounded: the first record and the latest ones are kept (see append_error).
