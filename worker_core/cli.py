@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--delay", type=float, default=None, help="seconds before the jobs are ready")
     p.add_argument("--max-attempts", type=int, default=None)
     p.add_argument("--dedupe-key", default=None, help="for a single job")
+    p.add_argument("--kind", default="default", help="the jobs' kind (default: 'default')")
     p.add_argument("--batch", type=int, default=10_000, help="jobs per statement")
 
     p = sub.add_parser("run", help="run a worker class until stopped")
@@ -164,6 +165,7 @@ def parse_payload(where: str, text: str) -> dict[str, Any]:
 
 
 async def cmd_enqueue(args: argparse.Namespace, out: IO[str], stdin: IO[str]) -> int:
+    from .jobs import check_label
     from .queue import Queue
 
     payloads = [parse_payload(where, text) for where, text in read_payloads(args, stdin)]
@@ -171,6 +173,10 @@ async def cmd_enqueue(args: argparse.Namespace, out: IO[str], stdin: IO[str]) ->
         raise CommandError("nothing to enqueue: give JSON arguments, --file FILE or --file -")
     if args.dedupe_key and len(payloads) > 1:
         raise CommandError("--dedupe-key applies to a single job")
+    try:
+        kind = check_label(args.kind, "--kind")
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
     config = load_config(args)
     require_dsn(config)
     ids: list[int] = []
@@ -184,6 +190,7 @@ async def cmd_enqueue(args: argparse.Namespace, out: IO[str], stdin: IO[str]) ->
                     run_at=args.delay,
                     max_attempts=args.max_attempts,
                     dedupe_keys=[args.dedupe_key] if args.dedupe_key else None,
+                    kind=kind,
                 )
                 bar.update(len(chunk))
     if len(ids) <= 20:

@@ -27,6 +27,7 @@ from .errors import PayloadError
 __all__ = [
     "TRANSITIONS",
     "Job",
+    "check_label",
     "JobStatus",
     "Transition",
     "check_json",
@@ -115,6 +116,8 @@ class Job:
     dedupe_key: str | None = None
     lease_owner: str | None = None
     lease_expires_at: datetime | None = None
+    #: What the job is (``enqueue(kind=...)``); last, so positional construction keeps working.
+    kind: str = "default"
 
     @property
     def attempts_left(self) -> int:
@@ -148,7 +151,34 @@ class Job:
             dedupe_key=row.get("dedupe_key"),
             lease_owner=row.get("lease_owner"),
             lease_expires_at=row.get("lease_expires_at"),
+            kind=row.get("kind") or "default",
         )
+
+
+def check_label(value: object, what: str, *, max_length: int = 200) -> str:
+    """Return ``value`` if it can name a job kind, queue or schedule, else raise.
+
+    A label is a non-blank ``str`` of at most ``max_length`` characters without
+    control characters (NUL included) or lone surrogates: it is stored in text
+    columns, printed on one line by the command line and used as a metric label.
+
+    Raises:
+        TypeError: not a ``str``.
+        ValueError: blank, too long, or holding a character it may not.
+    """
+    if not isinstance(value, str):
+        raise TypeError(f"{what} must be a str, not {type(value).__name__}")
+    if not value.strip():
+        raise ValueError(f"{what} must not be blank")
+    if len(value) > max_length:
+        raise ValueError(f"{what} is {len(value)} characters long, over the limit of {max_length}")
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ValueError(f"{what} {value[:40]!r} must not contain control characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{what} {value[:40]!r} contains a lone surrogate") from None
+    return value
 
 
 def dump_json(value: Any, what: str = "payload", *, max_bytes: int | None = None) -> str:
