@@ -27,10 +27,10 @@ from .errors import PayloadError
 __all__ = [
     "TRANSITIONS",
     "Job",
-    "check_label",
     "JobStatus",
     "Transition",
     "check_json",
+    "check_label",
     "dump_json",
     "dump_json_objects",
 ]
