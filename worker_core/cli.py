@@ -66,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=None)
     p.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING, ...")
 
+    p = sub.add_parser("schedules", help="a worker class's schedules and their next runs")
+    p.add_argument("target", metavar="MODULE:CLASS", help="e.g. myapp.workers:RescanWorker")
+    p.add_argument("--count", type=int, default=5, help="next runs to show (1-100)")
+    p.add_argument("--json", action="store_true")
+
     p = sub.add_parser("status", help="counts by status and stage, oldest ready job")
     p.add_argument("--json", action="store_true")
     p.add_argument("--all-queues", action="store_true")
@@ -243,6 +248,46 @@ async def cmd_run(args: argparse.Namespace, out: IO[str]) -> int:
     return EXIT_OK
 
 
+async def cmd_schedules(args: argparse.Namespace, out: IO[str]) -> int:
+    from datetime import UTC, datetime
+
+    from .schedules import validate_schedules
+
+    if not 1 <= args.count <= 100:
+        raise CommandError("--count must be from 1 to 100")
+    cls = load_worker_class(args.target)
+    config = load_config(args)
+    try:  # the schedules as the worker would check them at start
+        schedules = validate_schedules(cls(config).schedules())
+    except (TypeError, ValueError) as exc:
+        raise CommandError(f"{args.target}: {exc}") from None
+    now = datetime.now(UTC)
+    rows = [
+        {
+            "name": s.name,
+            "cron": s.cron,
+            "timezone": s.timezone,
+            "kind": s.kind,
+            "queue": s.queue or config.queue.name,
+            "missed": s.missed,
+            "next_runs": [t.astimezone(s.zone).isoformat() for t in s.next_runs(now, args.count)],
+        }
+        for s in schedules
+    ]
+    if args.json:
+        out.write(json.dumps(rows) + "\n")
+    elif not rows:
+        out.write(f"{args.target} has no schedules\n")
+    for row in rows if not args.json else ():
+        out.write(
+            f"{row['name']}: {row['cron']!r} in {row['timezone']}, kind {row['kind']!r} "
+            f"on queue {row['queue']!r}, missed slots: {row['missed']}\n"
+        )
+        for when in row["next_runs"]:
+            out.write(f"  {when}\n")
+    return EXIT_OK
+
+
 async def cmd_status(args: argparse.Namespace, out: IO[str]) -> int:
     from .queue import Queue
 
@@ -368,6 +413,7 @@ def main(
         "migrate": lambda: cmd_migrate(args, out),
         "enqueue": lambda: cmd_enqueue(args, out, inp),
         "run": lambda: cmd_run(args, out),
+        "schedules": lambda: cmd_schedules(args, out),
         "status": lambda: cmd_status(args, out),
         "dead-letters": lambda: cmd_dead_letters(args, out),
         "health": lambda: cmd_health(args, out),

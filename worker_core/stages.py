@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from psycopg import AsyncConnection
 
     from .breaker import CircuitBreaker
-    from .ratelimit import TokenBucket
+    from .ratelimit import RateLimiter
     from .worker import BaseWorker, _JobRun
 
 __all__ = ["Stage", "StageContext", "validate_stages"]
@@ -91,7 +91,7 @@ class StageContext:
         """The worker's circuit breaker called ``name`` (one per name, shared by all jobs)."""
         return self.worker.breaker(name)
 
-    def rate_limiter(self, name: str) -> TokenBucket | None:
+    def rate_limiter(self, name: str) -> RateLimiter | None:
         """The worker's token bucket for service ``name`` (``None`` when unlimited)."""
         return self.worker.rate_limiter(name)
 

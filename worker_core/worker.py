@@ -42,6 +42,7 @@ from .metrics import ProcessingMetrics
 from .queue import Outcome, Queue, open_pool
 from .redact import redact_text, redact_value
 from .retry import ErrorKind, backoff, classify, plan_failure
+from .schedules import start_schedules, validate_schedules  # jobmodel wiring
 from .sql import migrations
 from .stages import Stage, StageContext, state_json, validate_stages
 
@@ -51,7 +52,8 @@ if TYPE_CHECKING:
 
     from .breaker import CircuitBreaker
     from .health import HealthReport
-    from .ratelimit import RateLimiterRegistry, TokenBucket
+    from .ratelimit import RateLimiter, RateLimiterRegistry
+    from .schedules import Schedule  # jobmodel wiring
 
 __all__ = ["BaseWorker"]
 
@@ -285,6 +287,11 @@ class BaseWorker(abc.ABC):
     async def on_dead_letter(self, job: Job, exc: BaseException) -> None:
         """Called after a job went to the dead-letter queue."""
 
+    def schedules(self) -> Sequence[Schedule]:  # jobmodel wiring
+        """Cron entries every running worker evaluates (``worker_core.Schedule``); none
+        by default. Exactly one job is enqueued per schedule and slot across the fleet."""
+        return ()
+
     # -- services for stages ---------------------------------------------------------
     @property
     def pool(self) -> AsyncConnectionPool:
@@ -304,17 +311,21 @@ class BaseWorker(abc.ABC):
         breaker: CircuitBreaker = registry.get(name)
         return breaker
 
-    def rate_limiter(self, name: str) -> TokenBucket | None:
+    def rate_limiter(self, name: str) -> RateLimiter | None:
         """The token bucket of service ``name`` from ``config.rate_limits`` (None: no limit).
 
-        One bucket per name, shared by all of this worker's jobs; waiting on it holds
-        no database connection.
+        One bucket per name, shared by all of this worker's jobs (and, with
+        ``fleet_wide``, by every worker of the schema); waiting on it holds no
+        database connection.
         """
+        return self._rate_limiters().get(name)
+
+    def _rate_limiters(self) -> RateLimiterRegistry:  # jobmodel wiring
         if self._limiters is None:
             from .ratelimit import RateLimiterRegistry
 
             self._limiters = RateLimiterRegistry.from_config(self.config)
-        return self._limiters.get(name)
+        return self._limiters
 
     @property
     def breakers(self) -> Mapping[str, CircuitBreaker]:
@@ -351,6 +362,7 @@ class BaseWorker(abc.ABC):
         if self.is_running:
             raise RuntimeError(f"worker {self.worker_id} is already running")
         self._stages = validate_stages(self.stages())
+        schedules = validate_schedules(self.schedules())  # jobmodel wiring
         self._reset_run_state()
         self.is_running = True
         self._run_task = asyncio.current_task()
@@ -375,6 +387,7 @@ class BaseWorker(abc.ABC):
             # Attached from the first run on, so a breaker a stage creates later
             # already shares the fleet's state.
             await self._breaker_registry().attach(self.queue)
+            await self._rate_limiters().attach(self.queue)  # jobmodel wiring
             await self.on_startup()
             self._hooks_started = True
             self._flusher = _Flusher(self, self.queue)
@@ -384,6 +397,7 @@ class BaseWorker(abc.ABC):
                 asyncio.create_task(self._listen_loop(), name="worker_core.listener"),
                 asyncio.create_task(self._maintenance_loop(), name="worker_core.maintenance"),
                 asyncio.create_task(self._vacuum_loop(), name="worker_core.vacuum"),
+                *start_schedules(schedules, self.queue, self.logger),  # jobmodel wiring
             ]
             if self.config.health.http_port is not None:
                 from .health import HealthServer
@@ -426,6 +440,8 @@ class BaseWorker(abc.ABC):
             if self._registry is not None:
                 with contextlib.suppress(Exception):
                     await self._registry.detach()
+            if self._limiters is not None:  # jobmodel wiring
+                await self._limiters.detach()  # jobmodel wiring
         finally:
             restore_signals()
             if self._flusher is not None:
