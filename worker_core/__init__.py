@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from .metrics import ProcessingMetrics
     from .queue import Queue
     from .retry import ErrorKind
+    from .schedules import Schedule
     from .stages import Stage, StageContext
     from .worker import BaseWorker
     from .writes import Chunk, ChunkWriter, WriteResult, chunk_id
@@ -48,6 +49,7 @@ _EXPORTS: dict[str, str] = {
     "ProcessingMetrics": "metrics",
     "Queue": "queue",
     "RetryableError": "errors",
+    "Schedule": "schedules",
     "Stage": "stages",
     "StageContext": "stages",
     "StructuredLogger": "logs",
@@ -76,6 +78,7 @@ __all__ = [
     "ProcessingMetrics",
     "Queue",
     "RetryableError",
+    "Schedule",
     "Stage",
     "StageContext",
     "StructuredLogger",

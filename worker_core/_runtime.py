@@ -40,6 +40,7 @@ from .config import WorkerConfig
 from .logs import StructuredLogger
 from .metrics import ProcessingMetrics
 from .queue import Queue, open_pool
+from .schedules import start_schedules, validate_schedules
 from .snapshot import HealthCheck, WorkerSnapshot, WorkerView
 from .sql import migrations
 from .stages import validate_stages
@@ -49,7 +50,7 @@ if TYPE_CHECKING:
     from psycopg_pool import AsyncConnectionPool
 
     from .breaker import BreakerRegistry, CircuitBreaker
-    from .ratelimit import TokenBucket
+    from .ratelimit import RateLimiter, RateLimiterRegistry
     from .server import HealthServer
 
 __all__ = ["CORE_CONNECTIONS", "RunParts", "Runtime"]
@@ -75,7 +76,9 @@ class RunParts:
     on_startup: Callable[[], Awaitable[None]]
     on_shutdown: Callable[[], Awaitable[None]]
     breakers: BreakerRegistry
-    rate_limiter: Callable[[str], TokenBucket | None]
+    rate_limiter: Callable[[str], RateLimiter | None]
+    limiters: RateLimiterRegistry
+    schedules: Callable[[], Sequence[Any]]
     required_breakers: tuple[str, ...]
     pool: AsyncConnectionPool | None
     rng: random.Random
@@ -117,7 +120,7 @@ class Runtime:
     def breaker(self, name: str) -> CircuitBreaker:
         return self._parts.breakers.get(name)
 
-    def rate_limiter(self, name: str) -> TokenBucket | None:
+    def rate_limiter(self, name: str) -> RateLimiter | None:
         return self._parts.rate_limiter(name)
 
     async def offload(self, fn: Callable[..., T], /, *args: Any, process: bool = False) -> T:
@@ -203,6 +206,7 @@ class Runtime:
         server: HealthServer | None = None
         watchdog: StallWatchdog | None = None
         started = False
+        schedules = validate_schedules(parts.schedules())  # a bad entry fails before connecting
         try:
             # First, so a SIGTERM while the worker is still connecting is a graceful
             # stop (exit 0) rather than the default death by signal.
@@ -219,6 +223,7 @@ class Runtime:
             # Attached from the first run on, so a breaker a stage creates later
             # already shares the fleet's state.
             await parts.breakers.attach(queue)
+            await parts.limiters.attach(queue)
             await parts.on_startup()
             started = True
             stages = validate_stages(parts.stages())  # after on_startup: it may build clients
@@ -262,6 +267,7 @@ class Runtime:
                 asyncio.create_task(self._notifier.run(), name="worker_core.listener"),
                 asyncio.create_task(maintenance.prune_loop(), name="worker_core.prune"),
                 asyncio.create_task(maintenance.vacuum_loop(), name="worker_core.vacuum"),
+                *start_schedules(schedules, queue, self._log),
             ]
             if config.queue.stall_warning_seconds is not None:
                 watchdog = StallWatchdog(
@@ -311,6 +317,8 @@ class Runtime:
                     self._log.exception("on_shutdown hook failed")
             with contextlib.suppress(Exception):
                 await parts.breakers.detach()
+            with contextlib.suppress(Exception):
+                await parts.limiters.detach()
         finally:
             restore_signals()
             if self._completer is not None:

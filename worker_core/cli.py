@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--delay", type=float, default=None, help="seconds before the jobs are ready")
     p.add_argument("--max-attempts", type=int, default=None)
     p.add_argument("--dedupe-key", default=None, help="for a single job")
+    p.add_argument("--kind", default="default", help="the jobs' kind (default: 'default')")
     p.add_argument("--batch", type=int, default=10_000, help="jobs per statement")
 
     p = sub.add_parser("run", help="run a worker class until stopped")
@@ -64,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--until-empty", action="store_true", help="exit when no job is ready")
     p.add_argument("--concurrency", type=int, default=None)
     p.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING, ...")
+
+    p = sub.add_parser("schedules", help="a worker class's schedules and their next runs")
+    p.add_argument("target", metavar="MODULE:CLASS", help="e.g. myapp.workers:RescanWorker")
+    p.add_argument("--count", type=int, default=5, help="next runs to show (1-100)")
+    p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("status", help="counts by status and stage, oldest ready job")
     p.add_argument("--json", action="store_true")
@@ -164,6 +170,7 @@ def parse_payload(where: str, text: str) -> dict[str, Any]:
 
 
 async def cmd_enqueue(args: argparse.Namespace, out: IO[str], stdin: IO[str]) -> int:
+    from .jobs import check_label
     from .queue import Queue
 
     payloads = [parse_payload(where, text) for where, text in read_payloads(args, stdin)]
@@ -171,6 +178,10 @@ async def cmd_enqueue(args: argparse.Namespace, out: IO[str], stdin: IO[str]) ->
         raise CommandError("nothing to enqueue: give JSON arguments, --file FILE or --file -")
     if args.dedupe_key and len(payloads) > 1:
         raise CommandError("--dedupe-key applies to a single job")
+    try:
+        kind = check_label(args.kind, "--kind")
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
     config = load_config(args)
     require_dsn(config)
     ids: list[int] = []
@@ -184,6 +195,7 @@ async def cmd_enqueue(args: argparse.Namespace, out: IO[str], stdin: IO[str]) ->
                     run_at=args.delay,
                     max_attempts=args.max_attempts,
                     dedupe_keys=[args.dedupe_key] if args.dedupe_key else None,
+                    kind=kind,
                 )
                 bar.update(len(chunk))
     if len(ids) <= 20:
@@ -233,6 +245,46 @@ async def cmd_run(args: argparse.Namespace, out: IO[str]) -> int:
         unconfigure_logging()
         root.setLevel(level)
     out.write(json.dumps(worker.metrics.summary()) + "\n")
+    return EXIT_OK
+
+
+async def cmd_schedules(args: argparse.Namespace, out: IO[str]) -> int:
+    from datetime import UTC, datetime
+
+    from .schedules import validate_schedules
+
+    if not 1 <= args.count <= 100:
+        raise CommandError("--count must be from 1 to 100")
+    cls = load_worker_class(args.target)
+    config = load_config(args)
+    try:  # the schedules as the worker would check them at start
+        schedules = validate_schedules(cls(config).schedules())
+    except (TypeError, ValueError) as exc:
+        raise CommandError(f"{args.target}: {exc}") from None
+    now = datetime.now(UTC)
+    rows = [
+        {
+            "name": s.name,
+            "cron": s.cron,
+            "timezone": s.timezone,
+            "kind": s.kind,
+            "queue": s.queue or config.queue.name,
+            "missed": s.missed,
+            "next_runs": [t.astimezone(s.zone).isoformat() for t in s.next_runs(now, args.count)],
+        }
+        for s in schedules
+    ]
+    if args.json:
+        out.write(json.dumps(rows) + "\n")
+    elif not rows:
+        out.write(f"{args.target} has no schedules\n")
+    for row in rows if not args.json else ():
+        out.write(
+            f"{row['name']}: {row['cron']!r} in {row['timezone']}, kind {row['kind']!r} "
+            f"on queue {row['queue']!r}, missed slots: {row['missed']}\n"
+        )
+        for when in row["next_runs"]:
+            out.write(f"  {when}\n")
     return EXIT_OK
 
 
@@ -361,6 +413,7 @@ def main(
         "migrate": lambda: cmd_migrate(args, out),
         "enqueue": lambda: cmd_enqueue(args, out, inp),
         "run": lambda: cmd_run(args, out),
+        "schedules": lambda: cmd_schedules(args, out),
         "status": lambda: cmd_status(args, out),
         "dead-letters": lambda: cmd_dead_letters(args, out),
         "health": lambda: cmd_health(args, out),

@@ -246,6 +246,10 @@ class CircuitBreakerSettings(_Section):
 class RateLimitSettings(_Section):
     rate: float = Field(gt=0, description="tokens per second")
     burst: int = Field(default=1, ge=1)
+    fleet_wide: bool = Field(
+        default=False,
+        description="false: per process; true: all workers of the schema together",
+    )
 
 
 def _is_loopback(url: str) -> bool:

@@ -1,4 +1,5 @@
-"""Fleet-wide circuit breaker state: FleetStore and FleetRow.
+"""State the fleet shares through PostgreSQL besides the jobs: breakers, schedule
+slots and rate-limit tokens (FleetStore, ScheduleStore, TokenLeaseStore).
 
 A ``FleetStore`` shares the state of its breakers with every worker of a schema
 through the ``{schema}.breakers`` table (migration 0002; queries in
@@ -17,6 +18,10 @@ folds each returned row back in. Times are computed on the database clock and tr
 
 A database error never fails a call: the store logs one warning, answers ``None``
 (the breaker then goes by its local state) and stays local for ``retry_interval``.
+
+``ScheduleStore`` and ``TokenLeaseStore`` run the named queries of
+``sql/schedules.sql`` and ``sql/limits.sql`` for ``worker_core.schedules`` and
+``worker_core.fleetlimit``; their callers decide what a database error means.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import time
 from collections.abc import Callable, Coroutine, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .logs import StructuredLogger
@@ -42,7 +48,7 @@ if TYPE_CHECKING:
 
     from .breaker import CircuitBreaker
 
-__all__ = ["Database", "FleetRow", "FleetStore"]
+__all__ = ["Database", "FleetRow", "FleetStore", "ScheduleStore", "TokenLeaseStore"]
 
 Clock = Callable[[], float]
 
@@ -130,10 +136,7 @@ class FleetStore:
         """Start sharing state through ``db`` (a Queue) and read the current state."""
         self._db = db
         self.channel = breaker_channel_name(db.schema)
-        self._sql = {
-            name: render(text, db.schema).as_bytes(None)
-            for name, text in load_queries("breakers.sql").items()
-        }
+        self._sql = _queries("breakers.sql", db.schema)
         self._ensured.clear()
         self._lock = asyncio.Lock()  # a Lock belongs to one event loop; run() may use another
         self._fetched_at = None
@@ -245,3 +248,80 @@ class FleetStore:
             FleetRow(r[0], r[1], int(r[2]), int(r[3]), float(r[4]), bool(r[5]), bool(r[6]))
             for r in raw
         ]
+
+
+def _queries(filename: str, schema: str) -> dict[str, bytes]:
+    return {
+        name: render(text, schema).as_bytes(None) for name, text in load_queries(filename).items()
+    }
+
+
+class ScheduleStore:
+    """The schedule rows (``sql/schedules.sql``): last fired slots and the slot
+    compare-and-set. Errors propagate: the runner logs them and ticks again."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        self._sql = _queries("schedules.sql", db.schema)
+        self._ensured: set[str] = set()
+
+    async def read(
+        self, names: Sequence[str], *, since: datetime | None = None
+    ) -> tuple[datetime, dict[str, datetime]]:
+        """The database clock and each schedule's last slot; a schedule seen for
+        the first time is created starting at ``since`` (default: the database clock)."""
+        async with self._db.connection() as conn:
+            missing = [n for n in names if n not in self._ensured]
+            if missing:
+                await conn.execute(self._sql["ensure"], {"names": missing, "since": since})
+            cur = await conn.execute(self._sql["fetch"], {"names": list(names)})
+            rows = await cur.fetchall()
+        self._ensured.update(missing)
+        last = {r[1]: r[2] for r in rows if r[1] is not None}
+        self._ensured.intersection_update(last)  # a deleted row is created again
+        return rows[0][0], last
+
+    async def advance(
+        self, conn: AsyncConnection[Any], name: str, seen: datetime, slot: datetime
+    ) -> bool:
+        """Move ``name``'s last slot from ``seen`` to ``slot``; False if it had moved."""
+        cur = await conn.execute(self._sql["advance"], {"name": name, "seen": seen, "slot": slot})
+        return await cur.fetchone() is not None
+
+    async def fired(self, conn: AsyncConnection[Any], name: str, job_id: int) -> None:
+        await conn.execute(self._sql["fired"], {"name": name, "job_id": job_id})
+
+    async def rows(self) -> list[dict[str, Any]]:
+        """Every schedule row, for operators."""
+        async with self._db.connection() as conn:
+            cur = await conn.execute(self._sql["list"])
+            keys = [c.name for c in cur.description or ()]
+            return [dict(zip(keys, r, strict=True)) for r in await cur.fetchall()]
+
+
+class TokenLeaseStore:
+    """The fleet's token buckets (``sql/limits.sql``). Errors, and round trips
+    longer than ``timeout`` seconds, propagate to the caller."""
+
+    def __init__(self, db: Database, *, timeout: float = 2.0) -> None:
+        self._db = db
+        self._sql = _queries("limits.sql", db.schema)
+        self.timeout = timeout
+        #: Round trips made (lease and give_back), for benchmarks and tests.
+        self.round_trips = 0
+
+    async def lease(self, name: str, *, rate: float, burst: int, want: int) -> float:
+        """Take ``want`` tokens; returns the bucket's balance before (see limits.sql)."""
+        params = {"name": name, "rate": float(rate), "burst": int(burst), "want": int(want)}
+        self.round_trips += 1
+        async with asyncio.timeout(self.timeout), self._db.connection() as conn:
+            cur = await conn.execute(self._sql["lease"], params)
+            row = await cur.fetchone()
+        assert row is not None
+        return float(row[0])
+
+    async def give_back(self, name: str, n: int) -> None:
+        """Return ``n`` leased tokens that will not be used."""
+        self.round_trips += 1
+        async with asyncio.timeout(self.timeout), self._db.connection() as conn:
+            await conn.execute(self._sql["give_back"], {"name": name, "n": int(n)})

@@ -42,7 +42,7 @@ from .redact import is_sensitive_key, redact_text
 
 if TYPE_CHECKING:
     from .breaker import CircuitBreaker
-    from .ratelimit import TokenBucket
+    from .ratelimit import RateLimiter
 
 __all__ = ["CORRELATION_HEADER", "ServiceClient", "ServiceResponse", "parse_retry_after"]
 
@@ -108,7 +108,7 @@ class ServiceClient:
         name: the service, used in errors and logs (and as the breaker's usual name).
         base_url: prefix of every request path.
         breaker: a CircuitBreaker guarding the service (e.g. ``ctx.breaker(name)``).
-        rate_limiter: a TokenBucket every request takes a token from first.
+        rate_limiter: a TokenBucket (or fleet-wide bucket) every request takes a token from first.
         timeout: seconds for one request, connection to last body byte.
         headers: sent with every request; values of sensitive ones (authorization,
             api keys, tokens) never appear in messages.
@@ -125,7 +125,7 @@ class ServiceClient:
         base_url: str,
         *,
         breaker: CircuitBreaker | None = None,
-        rate_limiter: TokenBucket | None = None,
+        rate_limiter: RateLimiter | None = None,
         timeout: float = 30.0,
         headers: Mapping[str, str] | None = None,
         session: aiohttp.ClientSession | None = None,

@@ -41,6 +41,7 @@ __all__ = [
     "JobStatus",
     "Transition",
     "check_json",
+    "check_label",
     "clean_text",
     "dump_json",
     "dump_json_objects",
@@ -152,6 +153,8 @@ class Job:
     lease_token: str | None = None
     #: Error records dropped from the middle of ``errors`` to keep it bounded.
     errors_dropped: int = 0
+    #: What the job is (``enqueue(kind=...)``); last, so positional construction keeps working.
+    kind: str = "default"
 
     @property
     def attempts_left(self) -> int:
@@ -187,6 +190,7 @@ class Job:
             lease_expires_at=row.get("lease_expires_at"),
             lease_token=_text(row.get("lease_token")),
             errors_dropped=row.get("errors_dropped") or 0,
+            kind=row.get("kind") or "default",
         )
 
 
@@ -208,6 +212,32 @@ def clean_text(text: str) -> str:
 
 def _unstorable(text: str) -> bool:
     return "\x00" in text or (not text.isascii() and _UNSTORABLE.search(text) is not None)
+
+
+def check_label(value: object, what: str, *, max_length: int = 200) -> str:
+    """Return ``value`` if it can name a job kind, queue or schedule, else raise.
+
+    A label is a non-blank ``str`` of at most ``max_length`` characters without
+    control characters (NUL included) or lone surrogates: it is stored in text
+    columns, printed on one line by the command line and used as a metric label.
+
+    Raises:
+        TypeError: not a ``str``.
+        ValueError: blank, too long, or holding a character it may not.
+    """
+    if not isinstance(value, str):
+        raise TypeError(f"{what} must be a str, not {type(value).__name__}")
+    if not value.strip():
+        raise ValueError(f"{what} must not be blank")
+    if len(value) > max_length:
+        raise ValueError(f"{what} is {len(value)} characters long, over the limit of {max_length}")
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ValueError(f"{what} {value[:40]!r} must not contain control characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{what} {value[:40]!r} contains a lone surrogate") from None
+    return value
 
 
 def dump_json(value: Any, what: str = "payload", *, max_bytes: int | None = None) -> str:

@@ -31,6 +31,7 @@ from .jobs import (
     TRANSITIONS,
     Job,
     JobStatus,
+    check_label,
     dump_json,
     dump_json_objects,
 )
@@ -294,16 +295,19 @@ class Queue:
         dedupe_key: str | None = None,
         correlation_id: str | None = None,
         connection: AsyncConnection[Any] | None = None,
+        kind: str = "default",
     ) -> int:
         """Add one job; returns its id.
 
         With ``connection=`` the insert joins the caller's transaction (the job
         exists, and workers are woken, only if it commits). A ``dedupe_key`` held
         by a queued or running job of the same queue returns that job's id.
-        ``run_at`` is an aware datetime, a timedelta or seconds from now.
+        ``run_at`` is an aware datetime, a timedelta or seconds from now. ``kind``
+        says which pipeline runs the job (``"default"`` unless given).
         """
         ids = await self._enqueue(
             [payload],
+            kind=kind,
             queue=queue,
             priority=priority,
             run_at=run_at,
@@ -326,14 +330,16 @@ class Queue:
         dedupe_keys: Sequence[str | None] | None = None,
         correlation_ids: Sequence[str | None] | None = None,
         connection: AsyncConnection[Any] | None = None,
+        kind: str = "default",
     ) -> list[int]:
         """Add many jobs with one statement per ``queue.enqueue_batch_size`` rows.
 
         Returns the ids in input order. Several batches run in one transaction, so
-        either every job is added or none is.
+        either every job is added or none is. Every job gets the same ``kind``.
         """
         return await self._enqueue(
             payloads,
+            kind=kind,
             queue=queue,
             priority=priority,
             run_at=run_at,
@@ -356,6 +362,7 @@ class Queue:
         correlation_ids: Sequence[str | None] | None,
         connection: AsyncConnection[Any] | None,
         label: str,
+        kind: str = "default",
     ) -> list[int]:
         n = len(payloads)
         queue_name = self._queue_name(queue)
@@ -364,6 +371,7 @@ class Queue:
         batches = self._payload_batches(payloads, label) if n else []
         params: dict[str, Any] = {
             "queue": queue_name,
+            "kind": check_label(kind, "kind"),
             "priority": _int_param(priority, "priority"),
             "max_attempts": _int_param(
                 self.config.retry.max_attempts if max_attempts is None else max_attempts,

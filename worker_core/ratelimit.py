@@ -1,8 +1,10 @@
 """Rate limits on calls to external services: ``TokenBucket`` and ``RateLimiterRegistry``.
 
 One bucket per named service (``WorkerConfig.rate_limits``: ``{name: {rate, burst}}``)
-is shared by every job of a worker. ``rate`` tokens per second refill a bucket of
-``burst`` tokens; a call takes one (or ``n``) and waits when the bucket is empty.
+is shared by every job of a worker; with ``fleet_wide: true`` it is a ``FleetBucket``
+(``worker_core.fleetlimit``) shared by every worker of the schema. ``rate`` tokens
+per second refill a bucket of ``burst`` tokens; a call takes one (or ``n``) and
+waits when the bucket is empty.
 
 Waiting is fair: ``acquire`` reserves its tokens at once, letting the balance go
 negative, and sleeps until the refill has paid that debt. Each waiter therefore
@@ -20,17 +22,34 @@ import asyncio
 import math
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from .errors import RetryableError
 
 if TYPE_CHECKING:
     from .config import RateLimitSettings, WorkerConfig
+    from .fleet import Database
+    from .fleetlimit import FleetBucket
 
-__all__ = ["RateLimiterRegistry", "TokenBucket"]
+__all__ = ["RateLimiter", "RateLimiterRegistry", "TokenBucket"]
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[object]]
+
+
+@runtime_checkable
+class RateLimiter(Protocol):
+    """What stages use of a limiter, per process (``TokenBucket``) or fleet-wide."""
+
+    name: str
+    rate: float
+    burst: int
+
+    async def acquire(self, n: int = 1, *, max_wait: float | None = None) -> float: ...
+
+    def wait_time(self, n: int = 1) -> float: ...
+
+    def try_acquire(self, n: int = 1) -> bool: ...
 
 
 class TokenBucket:
@@ -142,10 +161,11 @@ class TokenBucket:
 
 
 class RateLimiterRegistry:
-    """The rate-limited services of a worker: one ``TokenBucket`` per name.
+    """The rate-limited services of a worker: one bucket per name.
 
     ``get(name)`` is ``None`` for a service without a configured limit;
-    ``await registry.acquire(name)`` is then free.
+    ``await registry.acquire(name)`` is then free. Fleet-wide buckets limit this
+    process alone until ``attach`` hands them the database.
     """
 
     def __init__(
@@ -157,9 +177,13 @@ class RateLimiterRegistry:
     ) -> None:
         self._clock = clock
         self._sleep = sleep
-        self._buckets: dict[str, TokenBucket] = {}
+        self._buckets: dict[str, RateLimiter] = {}
+        self._db: Database | None = None
         for name, limit in (limits or {}).items():
-            self.add(name, limit.rate, limit.burst)
+            if limit.fleet_wide:
+                self.add_fleet(name, limit.rate, limit.burst)
+            else:
+                self.add(name, limit.rate, limit.burst)
 
     @classmethod
     def from_config(
@@ -174,7 +198,39 @@ class RateLimiterRegistry:
         self._buckets[name] = bucket
         return bucket
 
-    def get(self, name: str) -> TokenBucket | None:
+    def add_fleet(self, name: str, rate: float, burst: int = 1) -> FleetBucket:
+        """Create (or replace) the fleet-wide bucket of ``name``."""
+        from .fleetlimit import FleetBucket
+
+        bucket = FleetBucket(rate, burst, name=name, clock=self._clock, sleep=self._sleep)
+        self._buckets[name] = bucket
+        if self._db is not None:
+            self._attach(bucket, self._db)
+        return bucket
+
+    def _fleet(self) -> list[FleetBucket]:
+        from .fleetlimit import FleetBucket
+
+        return [b for b in self._buckets.values() if isinstance(b, FleetBucket)]
+
+    async def attach(self, db: Database) -> None:
+        """Share the fleet-wide buckets through ``db`` (a Queue) from now on."""
+        self._db = db
+        for bucket in self._fleet():
+            self._attach(bucket, db)
+
+    def _attach(self, bucket: FleetBucket, db: Database) -> None:
+        from .fleet import TokenLeaseStore
+
+        bucket.attach(TokenLeaseStore(db))
+
+    async def detach(self) -> None:
+        """Stop sharing; each fleet-wide bucket gives back the tokens it will not use."""
+        self._db = None
+        for bucket in self._fleet():
+            await bucket.detach()
+
+    def get(self, name: str) -> RateLimiter | None:
         return self._buckets.get(name)
 
     async def acquire(self, name: str, n: int = 1, *, max_wait: float | None = None) -> float:
@@ -182,7 +238,7 @@ class RateLimiterRegistry:
         bucket = self._buckets.get(name)
         return 0.0 if bucket is None else await bucket.acquire(n, max_wait=max_wait)
 
-    def __getitem__(self, name: str) -> TokenBucket:
+    def __getitem__(self, name: str) -> RateLimiter:
         return self._buckets[name]
 
     def __contains__(self, name: object) -> bool:
@@ -194,7 +250,7 @@ class RateLimiterRegistry:
     def __len__(self) -> int:
         return len(self._buckets)
 
-    def items(self) -> list[tuple[str, TokenBucket]]:
+    def items(self) -> list[tuple[str, RateLimiter]]:
         return list(self._buckets.items())
 
     def __repr__(self) -> str:

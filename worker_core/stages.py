@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from psycopg import AsyncConnection
 
     from .breaker import CircuitBreaker
-    from .ratelimit import TokenBucket
+    from .ratelimit import RateLimiter
 
 __all__ = ["RunServices", "Stage", "StageContext", "state_json", "validate_stages"]
 
@@ -52,7 +52,7 @@ class RunServices(Protocol):
 
     def breaker(self, name: str) -> CircuitBreaker: ...
 
-    def rate_limiter(self, name: str) -> TokenBucket | None: ...
+    def rate_limiter(self, name: str) -> RateLimiter | None: ...
 
     async def offload(self, fn: Callable[..., T], /, *args: Any, process: bool = False) -> T: ...
 
@@ -121,7 +121,7 @@ class StageContext:
         """The worker's circuit breaker called ``name`` (one per name, shared by all jobs)."""
         return self._services.breaker(name)
 
-    def rate_limiter(self, name: str) -> TokenBucket | None:
+    def rate_limiter(self, name: str) -> RateLimiter | None:
         """The worker's token bucket for service ``name`` (``None`` when unlimited)."""
         return self._services.rate_limiter(name)
 

@@ -42,7 +42,8 @@ if TYPE_CHECKING:
 
     from .breaker import BreakerRegistry, CircuitBreaker
     from .health import HealthReport
-    from .ratelimit import RateLimiterRegistry, TokenBucket
+    from .ratelimit import RateLimiter, RateLimiterRegistry
+    from .schedules import Schedule
 
 __all__ = ["BaseWorker"]
 
@@ -102,6 +103,11 @@ class BaseWorker(abc.ABC):
             rng=self._rng,
         )
 
+    def schedules(self) -> Sequence[Schedule]:
+        """Cron entries every running worker evaluates (``worker_core.Schedule``); none
+        by default. Exactly one job is enqueued per schedule and slot across the fleet."""
+        return ()
+
     async def on_startup(self) -> None:
         """Called once per ``run()`` before ``stages()`` and the first claim (open clients here)."""
 
@@ -130,17 +136,14 @@ class BaseWorker(abc.ABC):
         """The worker's circuit breaker ``name`` (created on first use from config)."""
         return self._breakers().get(name)
 
-    def rate_limiter(self, name: str) -> TokenBucket | None:
+    def rate_limiter(self, name: str) -> RateLimiter | None:
         """The token bucket of service ``name`` from ``config.rate_limits`` (None: no limit).
 
-        One bucket per name, shared by all of this worker's jobs; waiting on it holds
-        no database connection.
+        One bucket per name, shared by all of this worker's jobs (and, with
+        ``fleet_wide``, by every worker of the schema); waiting on it holds no
+        database connection.
         """
-        if self._limiters is None:
-            from .ratelimit import RateLimiterRegistry
-
-            self._limiters = RateLimiterRegistry.from_config(self.config)
-        return self._limiters.get(name)
+        return self._rate_limiters().get(name)
 
     def add_health_check(self, name: str, check: HealthCheck) -> None:
         """Add a check to ``health()``; it may return ComponentHealth, a bool or None."""
@@ -213,10 +216,19 @@ class BaseWorker(abc.ABC):
             on_shutdown=self.on_shutdown,
             breakers=self._breakers(),
             rate_limiter=self.rate_limiter,
+            limiters=self._rate_limiters(),
+            schedules=self.schedules,
             required_breakers=tuple(self.required_breakers),
             pool=self._given_pool,
             rng=self._rng,
         )
+
+    def _rate_limiters(self) -> RateLimiterRegistry:
+        if self._limiters is None:
+            from .ratelimit import RateLimiterRegistry
+
+            self._limiters = RateLimiterRegistry.from_config(self.config)
+        return self._limiters
 
     def _breakers(self) -> BreakerRegistry:
         if self._registry is None:

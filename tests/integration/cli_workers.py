@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from worker_core import BaseWorker, PermanentError, StageContext
+from worker_core import BaseWorker, PermanentError, Schedule, StageContext
 
 
 class Check:
@@ -19,6 +19,19 @@ class Check:
 class Echo(BaseWorker):
     def stages(self) -> list[Any]:
         return [Check()]
+
+
+class Scheduled(Echo):
+    def schedules(self) -> list[Schedule]:
+        return [
+            Schedule("nightly", "0 2 * * *", {}, kind="prune", timezone="Europe/Paris"),
+            Schedule("hourly", "0 * * * *", {"bucket": "b"}, queue="scans"),
+        ]
+
+
+class BadlyScheduled(Echo):
+    def schedules(self) -> list[Schedule]:
+        return [Schedule("x", "0 * * * *", {}, timezone="Nowhere/Town")]
 
 
 NOT_A_WORKER = 42

@@ -230,7 +230,7 @@ def test_base_worker_is_a_small_facade() -> None:
     assert public == {
         # what users implement or override
         "stages", "classify", "retry_delay", "on_startup", "on_shutdown", "on_job_done",
-        "on_dead_letter", "on_cancelled", "required_breakers",
+        "on_dead_letter", "on_cancelled", "required_breakers", "schedules",
         # what callers use
         "run", "stop", "health", "snapshot", "metrics", "worker_id", "config", "logger",
         # services for the subclass and its stages

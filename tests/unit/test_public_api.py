@@ -31,6 +31,9 @@ CONTRACT = {
     "Chunk",
     "ChunkWriter",
     "WriteResult",
+    "Schedule",
+    # DESIGN.md section 1 also lists SyncQueue; it joins this set with the branch that
+    # builds it (issue 13), so the test asserts only what exists.
 }
 
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from worker_core.errors import PermanentError
 from worker_core.http import ServiceClient
-from worker_core.ratelimit import TokenBucket
+from worker_core.ratelimit import RateLimiter, TokenBucket
 
 if TYPE_CHECKING:
     import aiohttp
@@ -62,7 +62,7 @@ class HttpEmbedder:
         *,
         breaker: CircuitBreaker | None = None,
         session: aiohttp.ClientSession | None = None,
-        rate_limiter: TokenBucket | None = None,
+        rate_limiter: RateLimiter | None = None,
         send_dimensions: bool = True,
     ) -> None:
         if not settings.endpoint:

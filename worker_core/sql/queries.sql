@@ -34,8 +34,8 @@ SELECT extnamespace::regnamespace::text AS schema FROM pg_extension WHERE extnam
 -- at most one NOTIFY is sent, only when something became claimable now.
 WITH ins AS (
     INSERT INTO {schema}.jobs
-        (queue, payload, priority, run_at, max_attempts, dedupe_key, correlation_id)
-    SELECT %(queue)s, r.payload, %(priority)s,
+        (queue, kind, payload, priority, run_at, max_attempts, dedupe_key, correlation_id)
+    SELECT %(queue)s, %(kind)s, r.payload, %(priority)s,
            coalesce(%(run_at)s::timestamptz, now() + %(delay)s::float8 * interval '1 second', now()),
            %(max_attempts)s, (%(dedupe_keys)s::text[])[r.ord],
            coalesce((%(correlation_ids)s::text[])[r.ord], gen_random_uuid()::text)
@@ -112,7 +112,7 @@ WHERE j.id = picked.id
 RETURNING j.id, j.queue, j.payload, j.status, j.stage, j.state, j.attempt, j.max_attempts,
           j.deferrals, j.priority, j.run_at, j.correlation_id, j.last_error, j.errors,
           j.created_at, j.updated_at, j.finished_at, j.dedupe_key, j.lease_owner,
-          j.lease_expires_at, j.lease_token::text, j.errors_dropped
+          j.lease_expires_at, j.lease_token::text, j.errors_dropped, j.kind
 
 -- name: heartbeat
 -- One statement renews every lease a worker holds: (id, token) pairs, so a stale
