@@ -29,6 +29,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from .config import WorkerConfig
+from .console import WorkerConsole  # console wiring
 from .errors import (
     LeaseLostError,
     PayloadError,
@@ -251,6 +252,8 @@ class BaseWorker(abc.ABC):
         self._rng = random.Random()
         self._run_task: asyncio.Task[Any] | None = None
         self._hooks_started = False
+        # console wiring (the next line)
+        self._console = WorkerConsole(config, self.worker_id, in_flight=self._tasks.__len__)
 
     # -- what users implement ------------------------------------------------------
     @abc.abstractmethod
@@ -385,6 +388,7 @@ class BaseWorker(abc.ABC):
                 asyncio.create_task(self._maintenance_loop(), name="worker_core.maintenance"),
                 asyncio.create_task(self._vacuum_loop(), name="worker_core.vacuum"),
             ]
+            background += self._console.start(self.queue)  # console wiring
             if self.config.health.http_port is not None:
                 from .health import HealthServer
 
@@ -423,6 +427,7 @@ class BaseWorker(abc.ABC):
                     await self.on_shutdown()
                 except Exception:
                     self.logger.exception("on_shutdown hook failed")
+            await self._console.stop()  # console wiring
             if self._registry is not None:
                 with contextlib.suppress(Exception):
                     await self._registry.detach()
@@ -712,10 +717,13 @@ class BaseWorker(abc.ABC):
             else:
                 await stage.run(ctx)
         except BaseException:
-            self.metrics.stage_failed(stage.name, time.monotonic() - started)
+            elapsed = time.monotonic() - started
+            self.metrics.stage_failed(stage.name, elapsed)
+            self._console.stage(ctx.job, stage.name, False, elapsed)  # console wiring
             raise
         elapsed = time.monotonic() - started
         self.metrics.stage_completed(stage.name, elapsed)
+        self._console.stage(ctx.job, stage.name, True, elapsed)  # console wiring
         if self._enabled(logging.DEBUG):
             self.logger.debug("stage done", seconds=round(elapsed, 6))
 
@@ -729,6 +737,7 @@ class BaseWorker(abc.ABC):
         )
         elapsed = time.monotonic() - run.started
         self.metrics.job_succeeded(elapsed)
+        self._console.job(job, "succeeded", elapsed)  # console wiring
         if self._enabled(logging.INFO):
             self.logger.info("job succeeded", seconds=round(elapsed, 6))
         if future is not None and await future:
@@ -799,6 +808,7 @@ class BaseWorker(abc.ABC):
                 )
             )
             self.metrics.attempt_failed(error_type, elapsed, "deferred" if deferred else "retried")
+            self._console.job(job, "deferred" if deferred else "retried", elapsed)  # console wiring
             if deferred:
                 log, event = self.logger.info, "job deferred"
                 count = {"deferrals": job.deferrals + 1}
@@ -815,6 +825,7 @@ class BaseWorker(abc.ABC):
             wait=hook,
         )
         self.metrics.attempt_failed(error_type, elapsed, "dead")
+        self._console.job(job, "dead", elapsed)  # console wiring
         self.logger.error(
             "job dead-lettered",
             stage=stage,
