@@ -400,11 +400,23 @@ class AlertSettings(_Section):
     )
     webhook_timeout: float = _finite(5.0, gt=0, le=60)
     webhook_retries: int = Field(default=3, ge=0, le=10)
-    dead_letters: AlertRule | None = None
-    oldest_ready_seconds: AlertRule | None = None
-    breaker_open_seconds: AlertRule | None = None
-    no_workers_seconds: AlertRule | None = None
-    failure_ratio: AlertRule | None = None
+    dead_letters: AlertRule | None = Field(
+        default=None, description="rule (threshold, window, for_seconds, queues): jobs gone "
+        "dead within window > threshold"
+    )  # fmt: skip
+    oldest_ready_seconds: AlertRule | None = Field(
+        default=None, description="rule: the oldest ready job waited > threshold seconds"
+    )
+    breaker_open_seconds: AlertRule | None = Field(
+        default=None, description="rule: a fleet breaker open > threshold seconds"
+    )
+    no_workers_seconds: AlertRule | None = Field(
+        default=None, description="rule: ready jobs and no live worker for > threshold seconds"
+    )
+    failure_ratio: AlertRule | None = Field(
+        default=None, description="rule: failed / all attempts within window > threshold "
+        "(at least min_count attempts)"
+    )  # fmt: skip
 
     @field_validator("webhook_url")
     @classmethod
