@@ -325,7 +325,7 @@ def test_console_env_loading(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WORKER_CORE_DASHBOARD__TOKEN", "from-the-environment-123")
     monkeypatch.setenv("WORKER_CORE_ALERTS__DEAD_LETTERS__THRESHOLD", "3")
     monkeypatch.setenv("WORKER_CORE_ALERTS__INTERVAL", "NaN")
-    with pytest.raises(ValidationError, match="alerts.interval"):
+    with pytest.raises(ValidationError, match=r"alerts\.interval"):
         WorkerConfig()
     monkeypatch.setenv("WORKER_CORE_ALERTS__INTERVAL", "5")
     c = WorkerConfig()
@@ -336,7 +336,7 @@ def test_console_env_loading(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_production_refuses_a_plain_http_webhook() -> None:
     base = {"environment": "production", "database": {"dsn": "postgresql://u:p@db/x"}}
-    with pytest.raises(ValidationError, match="webhook_url must use https"):
+    with pytest.raises(ValidationError, match=r"webhook_url must use https"):
         WorkerConfig(**base, alerts={"webhook_url": "http://hooks.example/x"})
     WorkerConfig(**base, alerts={"webhook_url": "http://127.0.0.1:9/x"})
     WorkerConfig(**base, alerts={"webhook_url": "https://hooks.example/x"})
