@@ -134,7 +134,7 @@ class Console:
             self._pool = None
 
     def view(self, request: web.Request) -> pages.View:
-        session: Session | None = request.get("session")
+        session: Session | None = request.get(SESSION_KEY)
         return pages.View(
             schema=self.config.database.schema,
             csrf=None if self.read_only or session is None else session.csrf,
@@ -183,6 +183,18 @@ async def _open_pool(config: WorkerConfig) -> AsyncConnectionPool:
 CONSOLE: web.AppKey[Console] = web.AppKey("worker_core.console", Console)
 
 
+def _request_key(name: str, kind: type) -> Any:
+    # Typed request keys (aiohttp >= 3.14, which warns about plain string keys).
+    factory = getattr(web, "RequestKey", None)
+    return name if factory is None else factory(f"worker_core.{name}", kind)
+
+
+SESSION_KEY = _request_key("session", Session)
+BEARER_KEY = _request_key("bearer", bool)
+JSON_KEY = _request_key("json", dict)
+FORM_KEY = _request_key("form", dict)
+
+
 def secure(response: web.StreamResponse) -> None:
     for name, value in SECURITY_HEADERS.items():
         response.headers.setdefault(name, value)
@@ -201,10 +213,6 @@ def json_response(data: Any, status: int = 200) -> web.Response:
 
 def html_response(body: Markup, status: int = 200) -> web.Response:
     return web.Response(text=str(body), status=status, content_type="text/html", charset="utf-8")
-
-
-def _wants_json(request: web.Request) -> bool:
-    return request.path.startswith("/api/") and "form" not in request
 
 
 def _error(request: web.Request, status: int, text: str) -> web.Response:
@@ -269,13 +277,13 @@ async def _guarded(request: web.Request, handler: Handler, console: Console) -> 
     if security.needs_login and auth is not None:
         if not security.bearer_ok(auth):
             return _unauthorized(request, console, "invalid bearer token")
-        request["bearer"] = True
+        request[BEARER_KEY] = True
     else:
         session = security.session(request.cookies.get(COOKIE))
         if session is None and not security.needs_login and request.method == "GET":
             session, new_cookie = security.new_session()
         if session is not None:
-            request["session"] = session
+            request[SESSION_KEY] = session
         elif security.needs_login and not public:
             return _unauthorized(request, console, "authentication required")
     if request.method == "POST":
@@ -291,17 +299,17 @@ async def _check_post(request: web.Request, console: Console, public: bool) -> N
         raise web.HTTPForbidden(reason="cross-site request refused")
     body = await request.read()
     if request.content_type == "application/json":
-        request["json"] = parse_json(body)
+        request[JSON_KEY] = parse_json(body)
     else:
-        request["form"] = parse_form(body)
+        request[FORM_KEY] = parse_form(body)
     if public:
         return  # the login form: no session yet, same-origin checked above
     if console.read_only and request.path.startswith("/api/"):
         raise web.HTTPForbidden(reason="the dashboard is read-only: no action is allowed")
-    if request.get("bearer"):
+    if request.get(BEARER_KEY):
         return  # a bearer token is not sent by browsers on their own: no CSRF
-    session: Session | None = request.get("session")
-    form: dict[str, list[str]] = request.get("form", {})
+    session: Session | None = request.get(SESSION_KEY)
+    form: dict[str, list[str]] = request.get(FORM_KEY, {})
     candidate = request.headers.get("X-CSRF-Token") or (form.get("csrf") or [""])[0]
     if session is None or not console.security.csrf_ok(session, candidate):
         raise web.HTTPForbidden(reason="missing or wrong CSRF token (reload the page)")
@@ -337,7 +345,7 @@ def _local(path: str | None) -> str:
 
 
 def _redirect(request: web.Request, notice: str) -> web.Response:
-    form: dict[str, list[str]] = request.get("form", {})
+    form: dict[str, list[str]] = request.get(FORM_KEY, {})
     target = _local((form.get("next") or ["/"])[0])
     joiner = "&" if "?" in target else "?"
     raise web.HTTPSeeOther(f"{target}{joiner}notice={notice}")
@@ -509,14 +517,14 @@ async def static(request: web.Request) -> web.Response:
 async def login_page(request: web.Request) -> web.Response:
     console = request.app[CONSOLE]
     params = Params(request.query, {"next"})
-    if not console.security.needs_login or request.get("session") is not None:
+    if not console.security.needs_login or request.get(SESSION_KEY) is not None:
         raise web.HTTPSeeOther(_local(params.text("next", max_len=2000)))
     return html_response(pages.login(None, _local(params.text("next", max_len=2000))))
 
 
 async def login(request: web.Request) -> web.Response:
     console = request.app[CONSOLE]
-    form: dict[str, list[str]] = request.get("form", {})
+    form: dict[str, list[str]] = request.get(FORM_KEY, {})
     target = _local((form.get("next") or ["/"])[0])
     if not console.security.needs_login:
         raise web.HTTPSeeOther(target)
@@ -646,7 +654,7 @@ async def _stream(console: Console, response: web.StreamResponse) -> None:
 # -- actions -----------------------------------------------------------------------
 def _done(request: web.Request, data: dict[str, Any], notice: str) -> web.Response:
     request.app[CONSOLE].data.overview.invalidate()
-    if "form" in request and not request.get("bearer"):
+    if FORM_KEY in request and not request.get(BEARER_KEY):
         _redirect(request, notice)  # a browser form: back to the page it came from
     return json_response(data)
 
@@ -673,9 +681,9 @@ async def requeue_job(request: web.Request) -> web.Response:
 
 
 def _ids(request: web.Request) -> list[int]:
-    if "json" in request:
-        return parse_ids(request["json"].get("ids"))
-    return parse_ids(request["form"].get("ids"))
+    if JSON_KEY in request:
+        return parse_ids(request[JSON_KEY].get("ids"))
+    return parse_ids(request[FORM_KEY].get("ids"))
 
 
 async def requeue_jobs(request: web.Request) -> web.Response:
