@@ -99,6 +99,7 @@ class ConsoleData:
         self.secrets = tuple(secrets)
         self.schedules_source = schedules
         self.overview = Cached(self._overview, min_interval=refresh_seconds)
+        self.hour = Cached(self._hour, min_interval=max(1.0, refresh_seconds))
         self.day = Cached(self._day, min_interval=max(30.0, refresh_seconds))
 
     async def _overview(self) -> dict[str, Any]:
@@ -115,7 +116,7 @@ class ConsoleData:
                 "counts": dict.fromkeys(STATUSES, 0),
                 "ready": 0,
                 "scheduled": 0,
-                "oldest_ready_seconds": 0.0,
+                "oldest_ready_seconds": None,
                 "paused": name in paused,
                 "workers": 0,
                 "concurrency": 0,
@@ -128,7 +129,8 @@ class ConsoleData:
             item = by_queue[row["queue"]]
             item["counts"] = {s: int(row[s]) for s in STATUSES}
             item["ready"], item["scheduled"] = int(row["ready"]), int(row["scheduled"])
-            item["oldest_ready_seconds"] = round(float(row["oldest_ready_seconds"]), 3)
+            oldest = float(row["oldest_ready_seconds"])
+            item["oldest_ready_seconds"] = round(oldest, 3) if item["ready"] else None
         for worker in workers:
             for name in worker["queues"]:
                 if worker["alive"] and name in by_queue:
@@ -169,12 +171,16 @@ class ConsoleData:
             ],
         }
 
+    async def _hour(self) -> list[dict[str, Any]]:
+        return await self.queue.history(60)
+
     async def _day(self) -> list[dict[str, Any]]:
         return await self.queue.history(24 * 60)
 
     async def history(self, queue: str | None, minutes: int) -> list[dict[str, Any]]:
-        """Job-level history rows (the day's are cached, shorter windows cut from them)."""
-        rows = await self.day.get()
+        """Job-level history rows of the last ``minutes`` (at most a day), from the
+        shared hour or day cache."""
+        rows = await (self.hour if minutes <= 60 else self.day).get()
         cutoff = _minute_floor(datetime.now(UTC)) - timedelta(minutes=minutes - 1)
         return [r for r in rows if r["minute"] >= cutoff and (queue is None or r["queue"] == queue)]
 

@@ -129,7 +129,12 @@ def overview(view: View, data: dict[str, Any], chart_range: str) -> Markup:
         " live workers · ",
         h("span", data["workers_gone"], data_field="workers_gone"),
         " gone · updated ",
-        h("time", data["generated_at"], data_field="generated_at"),
+        h(
+            "time",
+            data["generated_at"][11:19] + " UTC",
+            datetime=data["generated_at"],
+            data_field="generated_at",
+        ),
         class_="muted",
     )
     head = [
@@ -152,20 +157,11 @@ def overview(view: View, data: dict[str, Any], chart_range: str) -> Markup:
         h("tbody", rows, id="overview-rows"),
         class_="counts",
     )
-    picker = h(
-        "p",
-        "Charts: ",
-        [
-            h(
-                "a",
-                label,
-                href=url("/", range=key),
-                aria_current="page" if key == chart_range else None,
-            )
-            for key, label in (("hour", "last hour"), ("day", "last day"))
-        ],
-        class_="muted",
-    )
+    links = [
+        h("a", label, href=url("/", range=key), aria_current="page" if key == chart_range else None)
+        for key, label in (("hour", "last hour"), ("day", "last day"))
+    ]
+    picker = h("p", "Charts: ", links[0], " · ", links[1], class_="muted")
     charts = [
         h(
             "img",

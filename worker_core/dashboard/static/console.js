@@ -88,10 +88,15 @@
       var el = body.querySelector(sel("data-queue", "*") + sel("data-status", s));
       if (el) el.textContent = String(data.totals[s]);
     });
-    ["workers_alive", "workers_gone", "generated_at"].forEach(function (f) {
+    ["workers_alive", "workers_gone"].forEach(function (f) {
       var el = document.querySelector("p " + sel("data-field", f));
       if (el) el.textContent = String(data[f]);
     });
+    var stamp = document.querySelector("time" + sel("data-field", "generated_at"));
+    if (stamp) {
+      stamp.textContent = String(data.generated_at).slice(11, 19) + " UTC";
+      stamp.setAttribute("datetime", data.generated_at);
+    }
     document.body.setAttribute("data-updated", data.generated_at);
   }
 
