@@ -394,7 +394,7 @@ async def _list_jobs(
     filters = _job_filters(params)
     before = params.integer("before", lo=1, hi=MAX_ID)
     limit = params.integer("limit", lo=1, hi=500, default=_LIMIT) or _LIMIT
-    rows = await console.data.queue.list_jobs(
+    rows = await console.data.list_jobs(
         queue=filters["queue"],
         kind=filters["kind"],
         status=filters["status"],
@@ -403,7 +403,7 @@ async def _list_jobs(
         before=before,
         limit=limit,
     )
-    return [console.data.row(r) for r in rows], filters, limit
+    return rows, filters, limit
 
 
 async def jobs_page(request: web.Request) -> web.Response:
@@ -430,10 +430,8 @@ async def dead_page(request: web.Request) -> web.Response:
     params = Params(request.query, {"queue", "before", "notice"})
     queue = params.text("queue")
     before = params.integer("before", lo=1, hi=MAX_ID)
-    rows = await console.data.queue.list_jobs(
-        queue=queue, status="dead", before=before, limit=_LIMIT
-    )
-    body = pages.dead(console.view(request), [console.data.row(r) for r in rows], queue, _LIMIT)
+    rows = await console.data.list_jobs(queue=queue, status="dead", before=before, limit=_LIMIT)
+    body = pages.dead(console.view(request), rows, queue, _LIMIT)
     page = pages.page(console.view(request), "Dead letters", _with_notice(body, _notice(params)))
     return html_response(page)
 
@@ -449,7 +447,7 @@ async def queues_page(request: web.Request) -> web.Response:
 async def workers_page(request: web.Request) -> web.Response:
     console = request.app[CONSOLE]
     Params(request.query, ())
-    rows = await console.data.queue.workers()
+    rows = await console.data.workers()
     body = pages.workers(console.view(request), rows)
     return html_response(pages.page(console.view(request), "Workers", body, live="refresh"))
 
@@ -457,7 +455,7 @@ async def workers_page(request: web.Request) -> web.Response:
 async def breakers_page(request: web.Request) -> web.Response:
     console = request.app[CONSOLE]
     Params(request.query, ())
-    rows = await console.data.queue.fleet_breakers()
+    rows = await console.data.breakers()
     body = pages.breakers(console.view(request), rows)
     return html_response(pages.page(console.view(request), "Breakers", body, live="refresh"))
 
@@ -582,12 +580,12 @@ async def api_queues(request: web.Request) -> web.Response:
 
 async def api_workers(request: web.Request) -> web.Response:
     Params(request.query, ())
-    return json_response({"workers": await request.app[CONSOLE].data.queue.workers()})
+    return json_response({"workers": await request.app[CONSOLE].data.workers()})
 
 
 async def api_breakers(request: web.Request) -> web.Response:
     Params(request.query, ())
-    return json_response({"breakers": await request.app[CONSOLE].data.queue.fleet_breakers()})
+    return json_response({"breakers": await request.app[CONSOLE].data.breakers()})
 
 
 async def api_schedules(request: web.Request) -> web.Response:
@@ -655,7 +653,7 @@ async def _stream(console: Console, response: web.StreamResponse) -> None:
 
 # -- actions -----------------------------------------------------------------------
 def _done(request: web.Request, data: dict[str, Any], notice: str) -> web.Response:
-    request.app[CONSOLE].data.overview.invalidate()
+    request.app[CONSOLE].data.invalidate()
     if FORM_KEY in request and not request.get(BEARER_KEY):
         _redirect(request, notice)  # a browser form: back to the page it came from
     return json_response(data)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, TypeVar
@@ -99,6 +100,9 @@ class ConsoleData:
         self.secrets = tuple(secrets)
         self.schedules_source = schedules
         self.overview = Cached(self._overview, min_interval=refresh_seconds)
+        self.refresh_seconds = refresh_seconds
+        #: Other shared reads (job lists by filter, workers, breakers), least recent first.
+        self._reads: OrderedDict[tuple[Any, ...], Cached[Any]] = OrderedDict()
         self.hour = Cached(self._hour, min_interval=max(1.0, refresh_seconds))
         self.day = Cached(self._day, min_interval=max(30.0, refresh_seconds))
 
@@ -106,7 +110,7 @@ class ConsoleData:
         q = self.queue
         counts = await q.overview()
         paused = set(await q.paused())
-        hour = await q.history(60)
+        hour = await self.hour.get()
         workers = await q.workers()
         alerts = await q.alert_states()
         by_queue: dict[str, dict[str, Any]] = {}
@@ -170,6 +174,38 @@ class ConsoleData:
                 if a["status"] in ("firing", "resolving")
             ],
         }
+
+    def _shared(self, key: tuple[Any, ...], load: Callable[[], Awaitable[T]]) -> Awaitable[T]:
+        """``load()``, shared by every request asking for ``key`` within the refresh
+        interval (so 20 browsers on one page cost one query per interval)."""
+        entry = self._reads.get(key)
+        if entry is None:
+            entry = self._reads[key] = Cached(load, min_interval=self.refresh_seconds)
+            while len(self._reads) > 256:
+                self._reads.popitem(last=False)
+        else:
+            self._reads.move_to_end(key)
+        result: Awaitable[T] = entry.get()
+        return result
+
+    def invalidate(self) -> None:
+        """After an action: every read loads again."""
+        self.overview.invalidate()
+        self._reads.clear()
+
+    def list_jobs(self, **filters: Any) -> Awaitable[list[dict[str, Any]]]:
+        """``Queue.list_jobs`` rows, last errors redacted, shared per filter set."""
+
+        async def load() -> list[dict[str, Any]]:
+            return [self.row(r) for r in await self.queue.list_jobs(**filters)]
+
+        return self._shared(("jobs", *sorted(filters.items())), load)
+
+    def workers(self) -> Awaitable[list[dict[str, Any]]]:
+        return self._shared(("workers",), self.queue.workers)
+
+    def breakers(self) -> Awaitable[list[dict[str, Any]]]:
+        return self._shared(("breakers",), self.queue.fleet_breakers)
 
     async def _hour(self) -> list[dict[str, Any]]:
         return await self.queue.history(60)
