@@ -16,7 +16,7 @@ from worker_core import BaseWorker, PermanentError, Queue, StageContext
 from worker_core.alerts import AlertEvaluator
 from worker_core.config import WorkerConfig
 from worker_core.metrics import MetricsCollector, ProcessingMetrics
-from worker_core.testing import running
+from worker_core.testing import running, wait_for
 
 
 class Receiver:
@@ -256,3 +256,33 @@ async def test_a_running_worker_evaluates_and_posts(
         # The worker handed the lease back when it stopped.
         assert (await queue.take_lease("alerts", "someone-else", 10))[0] is True
     assert "s3cr3t-path" not in caplog.text
+
+
+async def test_the_prometheus_rules_use_exported_metrics(
+    make_config: Callable[..., WorkerConfig], receiver: Receiver
+) -> None:
+    import re
+    from pathlib import Path
+
+    rules = (Path(__file__).parents[2] / "docs/prometheus/worker_core_alerts.yml").read_text()
+    names = set(re.findall(r"\b(worker_core_[a-z_]+)", rules))
+    config = alerts_config(make_config, receiver.url, dead_letters={"threshold": 0})
+    async with Queue(config) as queue:
+        await queue.migrate()
+        await make_dead(queue, config)
+        await AlertEvaluator(config.alerts, "w1").tick(queue)
+        worker = BadWorker(config)
+        await queue.enqueue({"x": 2})
+        async with running(worker):
+
+            async def started() -> bool:
+                return worker.last_claim_at is not None
+
+            await wait_for(started, what="the worker claiming")
+            assert worker.breaker("embed") is not None
+            collector = worker.metrics.collector(worker=worker)
+            assert await collector.refresh()
+            exported = {line.split("{")[0].split(" ")[0] for line in collector.render().splitlines()
+                        if line and not line.startswith("#")}  # fmt: skip
+    assert len(names) >= 6
+    assert names <= exported, names - exported
