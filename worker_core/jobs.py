@@ -10,6 +10,7 @@ Who moves a job between states (each arrow is one guarded SQL statement in
     running --lease expired (worker died)--> queued, or dead when attempts are exhausted
     running --worker shut down before finishing--> queued   (attempt refunded)
     queued --cancel--> cancelled          dead --requeue--> queued
+    dead --discard--> cancelled           (an operator gave up on it: Queue.discard)
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ class JobStatus(enum.StrEnum):
     SUCCEEDED = "succeeded"
     #: The dead-letter queue: permanent error or attempts exhausted; ``requeue`` brings it back.
     DEAD = "dead"
-    #: Cancelled by an operator before it ran; terminal.
+    #: Cancelled by an operator before it ran, or discarded from the dead-letter queue; terminal.
     CANCELLED = "cancelled"
 
     def __str__(self) -> str:
@@ -66,6 +67,7 @@ class Transition(enum.StrEnum):
     RELEASE = "release"  # worker shutting down: attempt refunded
     CANCEL = "cancel"
     REQUEUE = "requeue"
+    DISCARD = "discard"  # a dead job an operator gave up on
 
 
 _Q, _R, _S, _D, _C = (
@@ -88,6 +90,7 @@ TRANSITIONS: Mapping[tuple[JobStatus, Transition], JobStatus] = {
     (_R, Transition.RELEASE): _Q,
     (_Q, Transition.CANCEL): _C,
     (_D, Transition.REQUEUE): _Q,
+    (_D, Transition.DISCARD): _C,
 }
 
 

@@ -2,7 +2,7 @@
 
 Claims (some with leases that expire at once), successes, each error kind,
 releases, stale writes from old lease holders, heartbeats, lease rescue, requeue
-and cancel run in random orders. A simple model applies ``TRANSITIONS`` and
+and cancel (and discard of dead jobs) run in random orders. A simple model applies ``TRANSITIONS`` and
 ``plan_failure``; after every step the database must equal the model: no illegal
 transition, no lost job, and no write by a stale owner.
 """
@@ -242,6 +242,16 @@ class JobLifeCycle(RuleBasedStateMachine):
         assert cancelled == (model.status is JobStatus.QUEUED)
         if cancelled:
             self.move(model, Transition.CANCEL)
+
+    @precondition(lambda self: self.jobs)
+    @rule(data=st.data())
+    def discard(self, data: st.DataObject) -> None:
+        picked = data.draw(st.lists(st.sampled_from(sorted(self.jobs)), max_size=4, unique=True))
+        moved = self.run(self.queue.discard(picked))
+        dead = [i for i in picked if self.jobs[i].status is JobStatus.DEAD]
+        assert moved == len(dead)
+        for job_id in dead:
+            self.move(self.jobs[job_id], Transition.DISCARD)
 
     def _write(self, job_id: int, outcome: Outcome) -> None:
         model = self.jobs[job_id]
