@@ -1,8 +1,8 @@
 """A Hypothesis state machine of the job life cycle, against the real SQL.
 
 Claims (some with leases that expire at once), successes, each error kind,
-releases, stale writes from old lease holders, heartbeats, lease rescue, requeue
-and cancel (and discard of dead jobs) run in random orders. A simple model applies ``TRANSITIONS`` and
+releases, stale writes from old lease holders, heartbeats, lease rescue, requeue,
+cancel and discard run in random orders. A simple model applies ``TRANSITIONS`` and
 ``plan_failure``; after every step the database must equal the model: no illegal
 transition, no lost job, and no write by a stale owner.
 """
