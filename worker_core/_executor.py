@@ -15,7 +15,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 
 from ._completer import Completer
 from .config import WorkerConfig
@@ -55,6 +55,23 @@ class Hooks:
     on_job_done: Callable[[Job], Awaitable[None]] | None = None
     on_dead_letter: Callable[[Job, BaseException], Awaitable[None]] | None = None
     on_cancelled: Callable[[Job], Awaitable[None]] | None = None
+
+
+class Recorder(Protocol):
+    """Where attempts and stages are counted for the persisted metrics history
+    (``worker_core.console.WorkerConsole``); no I/O."""
+
+    def job(self, job: Job, outcome: str, seconds: float) -> None: ...
+
+    def stage(self, job: Job, stage: str, ok: bool, seconds: float) -> None: ...
+
+
+class _NoRecorder:
+    def job(self, job: Job, outcome: str, seconds: float) -> None:
+        return None
+
+    def stage(self, job: Job, stage: str, ok: bool, seconds: float) -> None:
+        return None
 
 
 class Run:
@@ -140,8 +157,10 @@ class Executor:
         worker: Any,
         worker_id: str,
         rng: random.Random,
+        recorder: Recorder | None = None,
     ) -> None:
         self._stages = list(stages)
+        self._recorder: Recorder = recorder or _NoRecorder()
         self._names = [s.name for s in self._stages]
         self._hooks = hooks
         self._config = config
@@ -244,10 +263,13 @@ class Executor:
             else:
                 await stage.run(ctx)
         except BaseException:
-            self._metrics.stage_failed(stage.name, time.monotonic() - started)
+            elapsed = time.monotonic() - started
+            self._metrics.stage_failed(stage.name, elapsed)
+            self._recorder.stage(ctx.job, stage.name, False, elapsed)
             raise
         elapsed = time.monotonic() - started
         self._metrics.stage_completed(stage.name, elapsed)
+        self._recorder.stage(ctx.job, stage.name, True, elapsed)
         if self._enabled(logging.DEBUG):
             self._logger.debug("stage done", seconds=round(elapsed, 6))
 
@@ -259,6 +281,7 @@ class Executor:
         )
         elapsed = time.monotonic() - run.started
         self._metrics.job_succeeded(elapsed)
+        self._recorder.job(job, "succeeded", elapsed)
         if self._enabled(logging.INFO):
             self._logger.info("job succeeded", seconds=round(elapsed, 6))
         if hook is not None and future is not None and await future:
@@ -317,6 +340,7 @@ class Executor:
                     bury(run.job, stage=run.stage, state=run.saved_state, error=error_json(record))
                 )
                 self._metrics.attempt_failed(type(exc).__name__, 0.0, "dead")
+                self._recorder.job(run.job, "dead", 0.0)
 
     async def _fail_with_outcome(self, run: Run, exc: Exception, stage: str | None) -> None:
         job = run.job
@@ -347,6 +371,7 @@ class Executor:
             deferred = outcome.event is Transition.DEFER
             self._completer.submit(outcome)
             self._metrics.attempt_failed(error_type, elapsed, "deferred" if deferred else "retried")
+            self._recorder.job(job, "deferred" if deferred else "retried", elapsed)
             if deferred:
                 log, event = self._logger.info, "job deferred"
                 count = {"deferrals": job.deferrals + 1}
@@ -359,6 +384,7 @@ class Executor:
         hook = self._hooks.on_dead_letter
         future = self._completer.submit(outcome, wait=hook is not None)
         self._metrics.attempt_failed(error_type, elapsed, "dead")
+        self._recorder.job(job, "dead", elapsed)
         self._logger.error(
             "job dead-lettered",
             stage=stage,

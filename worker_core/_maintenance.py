@@ -5,7 +5,9 @@
 - rescue: at start-up and every ``lease_seconds / 2`` (at most 30 s) any worker
   returns the jobs of dead or hung workers (``Queue.rescue_expired``);
 - prune: finished jobs past retention, in batches, one worker at a time;
-- vacuum: the jobs table once it holds ``maintenance.vacuum_dead_rows`` dead rows.
+- vacuum: the jobs table once it holds ``maintenance.vacuum_dead_rows`` dead rows;
+- console: the metrics history flush, the workers-registry refresh and the alert
+  evaluator (``worker_core.console``), each off when not configured.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import asyncio
 import random
 import time
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from .config import WorkerConfig
 from .jobs import JobStatus
@@ -21,6 +24,9 @@ from .logs import StructuredLogger
 from .metrics import ProcessingMetrics
 from .queue import Queue
 from .redact import redact_text
+
+if TYPE_CHECKING:
+    from .console import WorkerConsole
 
 __all__ = ["Maintenance"]
 
@@ -37,9 +43,11 @@ class Maintenance:
         metrics: ProcessingMetrics,
         logger: StructuredLogger,
         *,
+        console: WorkerConsole | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self._queue = queue
+        self._console = console
         self._config = config
         self._metrics = metrics
         self._logger = logger
@@ -126,6 +134,22 @@ class Maintenance:
                     failed, error=redact_text(str(exc)), error_type=type(exc).__name__
                 )
             await asyncio.sleep(interval)
+
+    # -- the operations console -------------------------------------------------------
+    async def history_loop(self) -> None:
+        """Write the per-minute metrics rollups every ``history.flush_seconds``."""
+        if self._console is not None and self._config.history.enabled:
+            await self._console.flush_loop(self._queue)
+
+    async def registry_loop(self) -> None:
+        """Refresh this worker's row in the workers registry every heartbeat."""
+        if self._console is not None:
+            await self._console.registry.run(self._queue)
+
+    async def alerts_loop(self) -> None:
+        """Evaluate the alert rules (one worker of the fleet at a time holds the lease)."""
+        if self._console is not None and self._console.alerts.enabled:
+            await self._console.alerts.run(self._queue)
 
     async def vacuum(self) -> int | None:
         """VACUUM the jobs table if it holds ``maintenance.vacuum_dead_rows`` dead rows

@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from psycopg_pool import AsyncConnectionPool
 
     from .breaker import BreakerRegistry, CircuitBreaker
+    from .console import WorkerConsole
     from .ratelimit import RateLimiter, RateLimiterRegistry
     from .server import HealthServer
 
@@ -79,6 +80,7 @@ class RunParts:
     rate_limiter: Callable[[str], RateLimiter | None]
     limiters: RateLimiterRegistry
     schedules: Callable[[], Sequence[Any]]
+    console: WorkerConsole
     required_breakers: tuple[str, ...]
     pool: AsyncConnectionPool | None
     rng: random.Random
@@ -158,6 +160,10 @@ class Runtime:
                 size, mp_context=multiprocessing.get_context(method)
             )
         return self._processes
+
+    @property
+    def in_flight(self) -> int:
+        return self._dispatcher.in_flight if self._dispatcher is not None else 0
 
     # -- control ------------------------------------------------------------------------
     def owns(self, task: asyncio.Task[Any] | None) -> bool:
@@ -240,7 +246,7 @@ class Runtime:
             executor = Executor(
                 stages=stages, hooks=parts.hooks, config=config, metrics=parts.metrics,
                 logger=self._log, completer=completer, services=self, worker=parts.worker,
-                worker_id=parts.worker_id, rng=parts.rng,
+                worker_id=parts.worker_id, rng=parts.rng, recorder=parts.console,
             )  # fmt: skip
             dispatcher = self._dispatcher = Dispatcher(
                 queue=queue, completer=completer, executor=executor, config=config,
@@ -249,7 +255,9 @@ class Runtime:
             )  # fmt: skip
             if self._stop_requested:
                 dispatcher.request_stop()
-            maintenance = Maintenance(queue, config, parts.metrics, self._log, rng=parts.rng)
+            maintenance = Maintenance(
+                queue, config, parts.metrics, self._log, console=parts.console, rng=parts.rng
+            )
             self._notifier = Notifier(
                 config, queue, self._log, on_work=dispatcher.notify,
                 on_breaker_trip=self._breaker_tripped_elsewhere, rng=parts.rng,
@@ -267,6 +275,9 @@ class Runtime:
                 asyncio.create_task(self._notifier.run(), name="worker_core.listener"),
                 asyncio.create_task(maintenance.prune_loop(), name="worker_core.prune"),
                 asyncio.create_task(maintenance.vacuum_loop(), name="worker_core.vacuum"),
+                asyncio.create_task(maintenance.history_loop(), name="worker_core.history"),
+                asyncio.create_task(maintenance.registry_loop(), name="worker_core.registry"),
+                asyncio.create_task(maintenance.alerts_loop(), name="worker_core.alerts"),
                 *start_schedules(schedules, queue, self._log),
             ]
             if config.queue.stall_warning_seconds is not None:
@@ -284,6 +295,7 @@ class Runtime:
                 await server.start()
             if await maintenance.rescue():
                 dispatcher.notify()
+            await parts.console.start(queue)  # in the workers registry from now on
             self._log.info(
                 "worker started",
                 concurrency=config.queue.concurrency,
@@ -315,6 +327,7 @@ class Runtime:
                     await parts.on_shutdown()
                 except Exception:
                     self._log.exception("on_shutdown hook failed")
+            await parts.console.stop()  # last history rollups; leaves the registry
             with contextlib.suppress(Exception):
                 await parts.breakers.detach()
             with contextlib.suppress(Exception):

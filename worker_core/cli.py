@@ -87,6 +87,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("health", help="check the database and queue; exit 3 when unhealthy")
     p.add_argument("--json", action="store_true")
 
+    for name, text in (("pause", "stop workers claiming a queue's jobs (persistent)"),
+                       ("resume", "let workers claim a paused queue again")):  # fmt: skip
+        p = sub.add_parser(name, help=text)
+        p.add_argument("queue", metavar="QUEUE")
+
+    p = sub.add_parser("dashboard", help="serve the operations console (web dashboard)")
+    p.add_argument("--host", default=None, help="address to bind (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="port (default: 8787)")
+    p.add_argument("--read-only", action="store_true", help="no actions at all")
+
     p = sub.add_parser("demo", help="ingest sample documents on an embedded PostgreSQL")
     p.add_argument("--documents", type=int, default=12)
     p.add_argument(
@@ -388,6 +398,42 @@ async def cmd_health(args: argparse.Namespace, out: IO[str]) -> int:
     return EXIT_UNHEALTHY if report.status == HealthStatus.UNHEALTHY else EXIT_OK
 
 
+async def cmd_pause(args: argparse.Namespace, out: IO[str]) -> int:
+    from .queue import Queue
+
+    config = load_config(args)
+    require_dsn(config)
+    async with Queue(config) as queue:
+        if args.command == "pause":
+            changed = await queue.pause(args.queue, by="cli")
+            state = "paused" if changed else "already paused"
+        else:
+            changed = await queue.resume(args.queue)
+            state = "resumed" if changed else "not paused"
+    out.write(f"queue {args.queue!r} {state}\n")
+    return EXIT_OK
+
+
+async def cmd_dashboard(args: argparse.Namespace, out: IO[str]) -> int:
+    from .dashboard import serve
+
+    config = load_config(args)
+    require_dsn(config)
+    if args.port is not None and not 0 <= args.port <= 65535:
+        raise CommandError(f"--port must be from 0 to 65535, not {args.port}")
+
+    def ready(url: str) -> None:
+        mode = " (read-only)" if args.read_only or config.dashboard.read_only else ""
+        out.write(f"dashboard on {url}{mode}; Ctrl-C stops it\n")
+        out.flush()
+
+    try:
+        await serve(config, host=args.host, port=args.port, read_only=args.read_only, ready=ready)
+    except PermissionError as exc:
+        raise CommandError(str(exc)) from None
+    return EXIT_OK
+
+
 async def cmd_demo(args: argparse.Namespace, out: IO[str]) -> int:
     from .demo import run_demo
 
@@ -418,6 +464,9 @@ def main(
         "dead-letters": lambda: cmd_dead_letters(args, out),
         "health": lambda: cmd_health(args, out),
         "demo": lambda: cmd_demo(args, out),
+        "pause": lambda: cmd_pause(args, out),
+        "resume": lambda: cmd_pause(args, out),
+        "dashboard": lambda: cmd_dashboard(args, out),
     }
     try:
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:

@@ -28,11 +28,15 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from .redact import mask_dsn
 
 __all__ = [
+    "AlertRule",
+    "AlertSettings",
     "CircuitBreakerSettings",
+    "DashboardSettings",
     "DatabaseSettings",
     "Dsn",
     "EmbeddingSettings",
     "HealthSettings",
+    "HistorySettings",
     "IngestSettings",
     "LoggingSettings",
     "MaintenanceSettings",
@@ -357,6 +361,113 @@ class MaintenanceSettings(_Section):
     )
 
 
+def _finite(
+    default: float,
+    *,
+    gt: float | None = None,
+    ge: float | None = None,
+    le: float,
+    description: str | None = None,
+) -> Any:
+    return Field(default=default, gt=gt, ge=ge, le=le, allow_inf_nan=False, description=description)
+
+
+class DashboardSettings(_Section):
+    """The operations console (``worker-core dashboard``)."""
+
+    token: SecretStr | None = Field(
+        default=None,
+        min_length=16,
+        max_length=512,
+        description="required to bind a non-loopback address; the browser logs in with it "
+        "once, API clients send it as Authorization: Bearer",
+    )
+    read_only: bool = Field(default=False, description="no action at all (pause, requeue, ...)")
+    host: str = Field(default="127.0.0.1", min_length=1, max_length=253)
+    port: int = Field(default=8787, ge=0, le=65535)
+    refresh_seconds: float = _finite(
+        2.0,
+        ge=0.2,
+        le=60,
+        description="live updates; the shared snapshot is read at most this often, and less "
+        "often when reading it is slow",
+    )
+    session_hours: float = _finite(12.0, gt=0, le=24 * 30)
+    max_streams: int = Field(default=100, ge=1, le=10_000, description="live-update connections")
+    statement_timeout: float = _finite(5.0, gt=0, le=300, description="per dashboard query (s)")
+
+
+class HistorySettings(_Section):
+    """Per-minute metrics persisted by every worker (the dashboard's charts)."""
+
+    enabled: bool = True
+    retention_days: float = _finite(14.0, gt=0, le=3650)
+    flush_seconds: float = _finite(10.0, ge=0.05, le=300, description="rollup write interval")
+
+
+class AlertRule(_Section):
+    """One alert rule: fires when a subject's value stays above ``threshold``."""
+
+    threshold: float = _finite(0.0, ge=0, le=1e12)
+    window: float = _finite(
+        300.0, gt=0, le=7 * 86400, description="seconds looked back (dead_letters, failure_ratio)"
+    )
+    for_seconds: float = _finite(0.0, ge=0, le=86400, description="condition held before firing")
+    min_count: int = Field(
+        default=10, ge=1, le=10**9, description="failure_ratio: attempts needed in the window"
+    )
+    queues: list[str] | None = Field(
+        default=None, max_length=1000, description="subjects watched (default: all)"
+    )
+
+
+class AlertSettings(_Section):
+    """Alert rules evaluated by one worker of the fleet at a time (DESIGN section 13)."""
+
+    webhook_url: SecretStr | None = Field(default=None, max_length=2048)
+    interval: float = _finite(15.0, ge=0.05, le=3600, description="seconds between evaluations")
+    resolve_after: float = _finite(
+        60.0, ge=0, le=86400, description="a firing alert resolves once clear this long"
+    )
+    webhook_timeout: float = _finite(5.0, gt=0, le=60)
+    webhook_retries: int = Field(default=3, ge=0, le=10)
+    dead_letters: AlertRule | None = Field(
+        default=None, description="rule (threshold, window, for_seconds, queues): jobs gone "
+        "dead within window > threshold"
+    )  # fmt: skip
+    oldest_ready_seconds: AlertRule | None = Field(
+        default=None, description="rule: the oldest ready job waited > threshold seconds"
+    )
+    breaker_open_seconds: AlertRule | None = Field(
+        default=None, description="rule: a fleet breaker open > threshold seconds"
+    )
+    no_workers_seconds: AlertRule | None = Field(
+        default=None, description="rule: ready jobs and no live worker for > threshold seconds"
+    )
+    failure_ratio: AlertRule | None = Field(
+        default=None, description="rule: failed / all attempts within window > threshold "
+        "(at least min_count attempts)"
+    )  # fmt: skip
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _check_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+    def rules(self) -> dict[str, AlertRule]:
+        """The configured rules by name."""
+        names = (
+            "dead_letters",
+            "oldest_ready_seconds",
+            "breaker_open_seconds",
+            "no_workers_seconds",
+            "failure_ratio",
+        )
+        return {n: rule for n in names if (rule := getattr(self, n)) is not None}
+
+
 class WorkerConfig(BaseSettings):
     """Everything a worker, a Queue or the command line needs, validated once."""
 
@@ -381,6 +492,9 @@ class WorkerConfig(BaseSettings):
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     health: HealthSettings = Field(default_factory=HealthSettings)
     maintenance: MaintenanceSettings = Field(default_factory=MaintenanceSettings)
+    dashboard: DashboardSettings = Field(default_factory=DashboardSettings)
+    history: HistorySettings = Field(default_factory=HistorySettings)
+    alerts: AlertSettings = Field(default_factory=AlertSettings)
 
     @model_validator(mode="after")
     def _refuse_insecure_production(self) -> WorkerConfig:
@@ -404,6 +518,10 @@ class WorkerConfig(BaseSettings):
             and not _is_loopback(self.embedding.endpoint)
         ):
             problems.append("embedding.endpoint must use https:// when an api_key is set")
+        hook = self.alerts.webhook_url
+        url = "" if hook is None else hook.get_secret_value()
+        if url.startswith("http://") and not _is_loopback(url):
+            problems.append("alerts.webhook_url must use https://")
         if problems:
             raise ValueError(
                 "environment=production refuses insecure settings: " + "; ".join(problems)
@@ -424,6 +542,8 @@ class WorkerConfig(BaseSettings):
             self.storage.secret_access_key,
             self.storage.access_key_id,
             self.embedding.api_key,
+            self.dashboard.token,
+            self.alerts.webhook_url,
         ):
             if secret is not None and secret.get_secret_value():
                 found.append(secret.get_secret_value())

@@ -11,6 +11,7 @@ Who moves a job between states (each arrow is one guarded SQL statement in
     running --worker shut down before finishing--> queued   (attempt refunded)
     running --cancel--> cancelled                           (the owning worker stops the run)
     queued --cancel--> cancelled          dead --requeue--> queued
+    dead --discard--> cancelled           (an operator gave up on it: Queue.discard)
 
 Every claim sets a fresh random ``lease_token``; every write of that run is fenced
 by ``status = 'running' AND lease_token = <the run's token>``. The ``finish``
@@ -59,7 +60,8 @@ class JobStatus(enum.StrEnum):
     SUCCEEDED = "succeeded"
     #: The dead-letter queue: permanent error or attempts exhausted; ``requeue`` brings it back.
     DEAD = "dead"
-    #: Cancelled by an operator; terminal.
+    #: Cancelled by an operator (queued, or running: its worker stops the run), or
+    #: discarded from the dead-letter queue; terminal.
     CANCELLED = "cancelled"
 
     def __str__(self) -> str:
@@ -80,6 +82,7 @@ class Transition(enum.StrEnum):
     CANCEL = "cancel"
     REQUEUE = "requeue"
     CHECKPOINT = "checkpoint"  # a running job records its stage and state; stays running
+    DISCARD = "discard"  # a dead job an operator gave up on
 
 
 _Q, _R, _S, _D, _C = (
@@ -104,6 +107,7 @@ TRANSITIONS: Mapping[tuple[JobStatus, Transition], JobStatus] = {
     (_R, Transition.CHECKPOINT): _R,
     (_Q, Transition.CANCEL): _C,
     (_D, Transition.REQUEUE): _Q,
+    (_D, Transition.DISCARD): _C,
 }
 
 #: The events a run writes about itself (its outcomes, through ``finish``); the rest

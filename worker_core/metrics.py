@@ -373,6 +373,8 @@ class MetricsCollector:
         self._queue = queue
         self._db: tuple[float, dict[str, float], dict[str, Any]] | None = None
         self._db_up: float | None = None
+        #: (alert, subject, 1.0 firing / 0.0) from the fleet's stored alert states.
+        self._alerts: list[tuple[str, str, float]] = []
         self.attach(worker=worker, queue=queue)
 
     def attach(self, *, worker: WorkerView | None = None, queue: Queue | None = None) -> None:
@@ -406,6 +408,7 @@ class MetricsCollector:
             async with asyncio.timeout(timeout):
                 depth = await queue.depth(self.metrics.queue)
                 hygiene = await queue.table_health()
+                self._alerts = await queue.firing_alerts()
         except Exception:
             self._db_up = 0.0
             self._db = None
@@ -532,6 +535,12 @@ class MetricsCollector:
                   "How long the oldest ready job has waited.", "max")  # fmt: skip
         age.add(q, float(depth.get("oldest_ready_age", 0.0)))
         out += [jobs, age]
+        if self._alerts:
+            text = "1 while the alert fires (fleet-wide; breaker_open_seconds: queue=breaker)."
+            firing = fam("alert_firing", "gauge", text, "max")
+            for alert, subject, is_firing in self._alerts:
+                firing.add((("alert", alert), ("queue", subject)), is_firing)
+            out.append(firing)
         queue = self._current_queue()
         s: Labels = (("schema", queue.schema if queue is not None else ""),)
         for key, name, text in (

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from ._executor import Hooks
 from ._runtime import RunParts, Runtime
 from .config import WorkerConfig
+from .console import WorkerConsole
 from .errors import RetryableError
 from .jobs import Job
 from .logs import StructuredLogger
@@ -73,6 +74,9 @@ class BaseWorker(abc.ABC):
         self._limiters: RateLimiterRegistry | None = None
         self._health_checks: dict[str, HealthCheck] = {}
         self._rng = random.Random()
+        # History, workers registry and alerts: the recorder outlives each run, so
+        # counts not yet written carry over to the next one.
+        self._console = WorkerConsole(config, self.worker_id, in_flight=self._in_flight)
 
     # -- what users implement ------------------------------------------------------
     @abc.abstractmethod
@@ -218,6 +222,7 @@ class BaseWorker(abc.ABC):
             rate_limiter=self.rate_limiter,
             limiters=self._rate_limiters(),
             schedules=self.schedules,
+            console=self._console,
             required_breakers=tuple(self.required_breakers),
             pool=self._given_pool,
             rng=self._rng,
@@ -229,6 +234,10 @@ class BaseWorker(abc.ABC):
 
             self._limiters = RateLimiterRegistry.from_config(self.config)
         return self._limiters
+
+    def _in_flight(self) -> int:
+        runtime = self._runtime
+        return runtime.in_flight if runtime is not None else 0
 
     def _breakers(self) -> BreakerRegistry:
         if self._registry is None:

@@ -3,7 +3,7 @@
 Claims (some with leases that expire at once), checkpoints, successes, each error
 kind, releases, cancellations of running jobs, stale writes and heartbeats from
 old runs (of another worker, or of the same worker after it claimed the job
-again), lease rescue, requeue and cancel run in random orders. Every outcome is
+again), lease rescue, requeue, cancel and discard run in random orders. Every outcome is
 built by the worker's own constructors (``worker_core.outcomes``: ``succeed``,
 ``after_failure`` over ``error_record``, ``release``, ``cancel``, ``checkpoint``),
 the ones its executor uses. A simple model applies ``TRANSITIONS``; after every
@@ -292,6 +292,16 @@ class JobLifeCycle(RuleBasedStateMachine):
         assert cancelled == (model.status is JobStatus.QUEUED)
         if cancelled:
             self.move(model, Transition.CANCEL)
+
+    @precondition(lambda self: self.jobs)
+    @rule(data=st.data())
+    def discard(self, data: st.DataObject) -> None:
+        picked = data.draw(st.lists(st.sampled_from(sorted(self.jobs)), max_size=4, unique=True))
+        moved = self.run(self.queue.discard(picked))
+        dead = [i for i in picked if self.jobs[i].status is JobStatus.DEAD]
+        assert moved == len(dead)
+        for job_id in dead:
+            self.move(self.jobs[job_id], Transition.DISCARD)
 
     def _write(self, model: Model, outcome: Outcome) -> None:
         assert model.run is not None and outcome.token == model.run.lease_token

@@ -274,3 +274,69 @@ def test_property_any_password_hidden(password: str) -> None:
     assert repr(c.database.dsn) == f"Dsn({masked!r})"
     assert masked in repr(c)
     assert c.dsn() == dsn
+
+
+# -- operations console sections (dashboard, history, alerts) ------------------------
+def test_console_defaults_match_the_contract() -> None:
+    c = WorkerConfig()
+    assert (c.dashboard.token, c.dashboard.read_only) == (None, False)
+    assert (c.dashboard.host, c.dashboard.port) == ("127.0.0.1", 8787)
+    assert (c.history.enabled, c.history.retention_days) == (True, 14)
+    assert c.alerts.webhook_url is None and c.alerts.rules() == {}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"dashboard": {"token": "short"}}, "dashboard.token"),
+        ({"dashboard": {"refresh_seconds": float("nan")}}, "dashboard.refresh_seconds"),
+        ({"dashboard": {"refresh_seconds": float("inf")}}, "dashboard.refresh_seconds"),
+        ({"dashboard": {"port": 70000}}, "dashboard.port"),
+        ({"history": {"retention_days": float("inf")}}, "history.retention_days"),
+        ({"history": {"retention_days": 0}}, "history.retention_days"),
+        ({"alerts": {"interval": float("nan")}}, "alerts.interval"),
+        ({"alerts": {"webhook_url": "ftp://x/y"}}, "alerts.webhook_url"),
+        (
+            {"alerts": {"dead_letters": {"threshold": float("inf")}}},
+            "alerts.dead_letters.threshold",
+        ),
+        ({"alerts": {"failure_ratio": {"window": -1}}}, "alerts.failure_ratio.window"),
+        ({"alerts": {"no_workers_seconds": {"bogus": 1}}}, "alerts.no_workers_seconds.bogus"),
+    ],
+)
+def test_console_settings_are_finite_and_bounded(kwargs: dict[str, Any], field: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        WorkerConfig(**kwargs)
+    assert field in str(info.value)
+
+
+def test_console_secrets_are_hidden_and_scrubbed() -> None:
+    c = WorkerConfig(
+        dashboard={"token": "dashboard-token-0123456789"},
+        alerts={"webhook_url": "https://hooks.example/T0/B0/webhooksecret"},
+    )
+    text = f"{c!r} {c} {c.model_dump()}"
+    assert "dashboard-token-0123456789" not in text and "webhooksecret" not in text
+    assert "dashboard-token-0123456789" in c.secrets()
+    assert "https://hooks.example/T0/B0/webhooksecret" in c.secrets()
+
+
+def test_console_env_loading(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORKER_CORE_DASHBOARD__TOKEN", "from-the-environment-123")
+    monkeypatch.setenv("WORKER_CORE_ALERTS__DEAD_LETTERS__THRESHOLD", "3")
+    monkeypatch.setenv("WORKER_CORE_ALERTS__INTERVAL", "NaN")
+    with pytest.raises(ValidationError, match=r"alerts\.interval"):
+        WorkerConfig()
+    monkeypatch.setenv("WORKER_CORE_ALERTS__INTERVAL", "5")
+    c = WorkerConfig()
+    assert c.dashboard.token is not None
+    assert c.dashboard.token.get_secret_value() == "from-the-environment-123"
+    assert c.alerts.rules()["dead_letters"].threshold == 3
+
+
+def test_production_refuses_a_plain_http_webhook() -> None:
+    base = {"environment": "production", "database": {"dsn": "postgresql://u:p@db/x"}}
+    with pytest.raises(ValidationError, match=r"webhook_url must use https"):
+        WorkerConfig(**base, alerts={"webhook_url": "http://hooks.example/x"})
+    WorkerConfig(**base, alerts={"webhook_url": "http://127.0.0.1:9/x"})
+    WorkerConfig(**base, alerts={"webhook_url": "https://hooks.example/x"})

@@ -37,6 +37,7 @@ def test_transition_table_matches_the_state_machine() -> None:
     assert TRANSITIONS[(r, Transition.RESCUE_DEAD)] is d
     assert TRANSITIONS[(q, Transition.CANCEL)] is c
     assert TRANSITIONS[(d, Transition.REQUEUE)] is q
+    assert TRANSITIONS[(d, Transition.DISCARD)] is c
     # Terminal states have no way out but requeue of dead.
     assert not [k for k in TRANSITIONS if k[0] in (s, c)]
 

@@ -14,7 +14,7 @@ def test_named_queries_load() -> None:
         assert queries[name].strip()
 
 
-def test_migrations_are_numbered_from_one() -> None:
+def test_migrations_are_numbered_once_each() -> None:
     found = migrations()
     versions = [m.version for m in found]
     # Gaps are tolerated while the branches adding migrations 5-7 are merged.

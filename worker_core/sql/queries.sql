@@ -98,6 +98,8 @@ RETURNING id
 WITH picked AS MATERIALIZED (
     SELECT id FROM {schema}.jobs
     WHERE queue = %(queue)s AND status = 'queued' AND run_at <= now()
+      -- console: a paused queue is not claimed (a one-time check of its primary key)
+      AND NOT EXISTS (SELECT 1 FROM {schema}.paused_queues AS p WHERE p.queue = %(queue)s)
     ORDER BY priority DESC, run_at, id
     LIMIT %(limit)s
     FOR NO KEY UPDATE SKIP LOCKED
@@ -196,6 +198,8 @@ SELECT pg_notify(%(channel)s, %(queue)s)
 -- name: next_run_at
 -- When the next queued job of a queue becomes ready (for the idle wait).
 SELECT min(run_at) AS run_at FROM {schema}.jobs WHERE queue = %(queue)s AND status = 'queued'
+  -- console: a paused queue has nothing coming (so run(until_empty=True) returns)
+  AND NOT EXISTS (SELECT 1 FROM {schema}.paused_queues AS p WHERE p.queue = %(queue)s)
 
 -- name: prune
 -- Retention: deletes finished jobs older than the cutoffs, a bounded batch at a
