@@ -1,7 +1,10 @@
 """The dispatcher: the claim loop, the prefetch buffer, the runs in flight and the drain.
 
-It claims up to its free slots (plus ``queue.prefetch``) in one statement, starts
-one task per claim, and keeps the runs by lease token. A claim that returns a job
+It claims up to its free slots (plus ``queue.prefetch``) in one statement, from
+every queue of ``queue.name`` within each one's ``queue.queue_concurrency`` and
+only the kinds the worker knows, starts one task per claim, and keeps the runs
+by lease token. It stops runs an operator cancels (``cancel``) and holds back
+buffered jobs of queues an operator pauses (``set_paused``). A claim that returns a job
 this worker still runs under an older token (its lease was lost while the event
 loop was blocked, and the job was rescued and claimed again) cancels the stale
 run first; the new run waits for it to end before its stages start.
@@ -17,7 +20,7 @@ from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 
 from ._completer import Completer
-from ._executor import LEASE_LOST, RELEASE, Executor, Run
+from ._executor import CANCEL, LEASE_LOST, RELEASE, Executor, Run
 from .config import WorkerConfig
 from .jobs import Job
 from .logs import StructuredLogger
@@ -43,6 +46,7 @@ class Dispatcher:
         logger: StructuredLogger,
         worker_id: str,
         paused_for: Callable[[], float | None],
+        kinds: list[str] | None = None,
     ) -> None:
         self._queue = queue
         self._completer = completer
@@ -52,6 +56,12 @@ class Dispatcher:
         self._logger = logger
         self._worker_id = worker_id
         self._paused_for = paused_for
+        #: The kinds this worker claims (None: any kind).
+        self._kinds = kinds
+        self._names = config.queue.names
+        #: Queues an operator paused, as last heard (NOTIFY or poll); the claim
+        #: itself skips paused queues, this holds back what is already buffered.
+        self.paused: set[str] = set()
         #: Runs whose task has not ended, by lease token.
         self._runs: dict[str, Run] = {}
         #: The newest run of each job id (a stale one may still be in ``_runs``).
@@ -102,6 +112,47 @@ class Dispatcher:
                 self._metrics.lease_lost(len(self._buffer) - len(kept))
                 self._buffer = collections.deque(kept)
 
+    def cancel(self, job_id: int) -> bool:
+        """An operator cancelled job ``job_id``: stop its run here at its next await, or
+        cancel it unstarted if it waits in the buffer. False: not this worker's."""
+        run = self._latest.get(job_id)
+        if run is not None and not run.done:
+            return run.cancel(CANCEL)
+        for job in self._buffer:
+            if job.id == job_id:
+                self._buffer.remove(job)
+                self._executor.cancel_unstarted(job)
+                return True
+        return False
+
+    def cancel_tokens(self, tokens: Iterable[str]) -> None:
+        """The heartbeat found cancel requests on these leases (a missed NOTIFY)."""
+        for token in tokens:
+            run = self._runs.get(token)
+            if run is not None:
+                run.cancel(CANCEL)
+            else:
+                for job in self._buffer:
+                    if job.lease_token == token:
+                        self.cancel(job.id)
+                        break
+
+    def set_paused(self, queues: Iterable[str], paused: bool = True) -> None:
+        """An operator paused (or resumed) these queues: buffered jobs of a paused
+        queue go back unstarted (attempt refunded); a resume looks for work."""
+        names = set(queues) & set(self._names)
+        if not names:
+            return
+        if paused:
+            self.paused |= names
+            held = [job for job in self._buffer if job.queue in names]
+            if held:
+                self._buffer = collections.deque(j for j in self._buffer if j.queue not in names)
+                self._release_unstarted(held)
+        elif names & self.paused:
+            self.paused -= names
+            self.notify()
+
     def notify(self) -> None:
         """Something may be claimable now (NOTIFY, a rescue, LISTEN reconnected)."""
         self.maybe_work = True
@@ -129,6 +180,8 @@ class Dispatcher:
             self.last_loop_at = time.monotonic()
             self._start_buffered()
             room = capacity - len(self._runs) - len(self._buffer)
+            rooms = self._rooms(room)
+            room = min(room, sum(rooms.values()))
             starving = not self._buffer and len(self._runs) < queue_cfg.concurrency
             wanted = room > 0 and (starving or room >= min_refill)
             if wanted and (self.maybe_work or not (self._runs or self._buffer)):
@@ -140,7 +193,11 @@ class Dispatcher:
                 claim_started = time.monotonic()
                 try:
                     jobs = await self._queue.claim(
-                        self._worker_id, room, lease_seconds=queue_cfg.lease_seconds
+                        self._worker_id,
+                        room,
+                        lease_seconds=queue_cfg.lease_seconds,
+                        kinds=self._kinds,
+                        rooms=rooms,
                     )
                 except Exception as exc:
                     self._logger.warning(
@@ -178,7 +235,22 @@ class Dispatcher:
                     continue  # full: wait for a slot to free
             await self._wait(queue_cfg.poll_interval)
 
+    def _rooms(self, room: int) -> dict[str, int]:
+        """How many jobs of each queue the next claim may take (``queue_concurrency``)."""
+        caps = self._config.queue.queue_concurrency
+        if not caps or room <= 0:
+            return dict.fromkeys(self._names, max(room, 0))
+        held = collections.Counter(run.job.queue for run in self._runs.values())
+        held.update(job.queue for job in self._buffer)
+        return {
+            name: max(0, min(room, caps[name] - held[name])) if name in caps else room
+            for name in self._names
+        }
+
     def _accept(self, jobs: list[Job]) -> None:
+        if self.paused:
+            # The claim skips paused queues: a job of one means it was resumed unheard.
+            self.paused -= {job.queue for job in jobs}
         claimed = {job.id for job in jobs}
         if self._buffer and any(job.id in claimed for job in self._buffer):
             # Claimed again while still buffered under an expired lease: the old claim is void.
@@ -220,6 +292,10 @@ class Dispatcher:
         self._by_task.pop(task, None)
         if self._latest.get(run.job.id) is run:
             del self._latest[run.job.id]
+        if self._config.queue.cap(run.job.queue) is not None:
+            # A fleet-wide slot of a capped queue is free: jobs the cap held back may
+            # be claimable although the last claim came back short.
+            self.maybe_work = True
         self.wake.set()
 
     def _release_unstarted(self, jobs: Iterable[Job]) -> None:
@@ -231,7 +307,7 @@ class Dispatcher:
 
     async def _next_ready_in(self) -> float | None:
         """Seconds until the next queued job is ready, if within one poll interval."""
-        run_at = await self._queue.next_run_at()
+        run_at = await self._queue.next_run_at(kinds=self._kinds)
         if run_at is None:
             return None
         wait = (run_at - datetime.now(UTC)).total_seconds()

@@ -13,13 +13,13 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from ._completer import Completer
 from .config import WorkerConfig
-from .errors import LeaseLostError, TransientError
+from .errors import LeaseLostError, PermanentError, TransientError
 from .jobs import Job, JobStatus, Transition
 from .logs import StructuredLogger, job_context
 from .metrics import ProcessingMetrics
@@ -147,7 +147,8 @@ class Executor:
     def __init__(
         self,
         *,
-        stages: Sequence[Stage],
+        stages: Sequence[Stage] | None = None,
+        pipelines: Mapping[str, Sequence[Stage]] | None = None,
         hooks: Hooks,
         config: WorkerConfig,
         metrics: ProcessingMetrics,
@@ -159,9 +160,12 @@ class Executor:
         rng: random.Random,
         recorder: Recorder | None = None,
     ) -> None:
-        self._stages = list(stages)
+        if (stages is None) == (pipelines is None):
+            raise ValueError("give stages (every kind) or pipelines (per kind), not both")
+        #: One stage list for every kind (None: only the kinds of ``_pipelines``).
+        self._stages = None if stages is None else list(stages)
+        self._pipelines = {kind: list(p) for kind, p in (pipelines or {}).items()}
         self._recorder: Recorder = recorder or _NoRecorder()
-        self._names = [s.name for s in self._stages]
         self._hooks = hooks
         self._config = config
         self._metrics = metrics
@@ -172,6 +176,7 @@ class Executor:
         self._worker_id = worker_id
         self._rng = rng
         self._secrets = tuple(config.secrets())
+        self._background: set[asyncio.Task[None]] = set()
         self._max_state = config.queue.max_state_bytes
         # Per-job lines are skipped before any formatting work when their level is off.
         self._enabled = logging.getLogger(logger.name).isEnabledFor
@@ -202,7 +207,12 @@ class Executor:
             job, state, worker=self._worker, services=self._services, run=run,
             metrics=self._metrics,
         )  # fmt: skip
-        stages = self._stages
+        stages = self._stages if self._stages is not None else self._pipelines.get(job.kind)
+        if not stages:
+            # Never claimed (the claim asks for known kinds only), unless called directly.
+            exc = PermanentError(f"this worker has no pipeline for kind {job.kind!r}")
+            await self._fail(run, exc, None)
+            return
         last = stages[-1]
         try:
             previous = run.previous
@@ -215,10 +225,13 @@ class Executor:
                 self._logger.debug(
                     "job claimed", job_id=job.id, attempt=job.attempt, stage=job.stage
                 )
-            for stage in self._remaining(job):
+            for stage in self._remaining(job, stages):
                 run.current_stage = ctx.stage = stage.name
                 with job_context(stage=stage.name):
                     await self._run_stage(stage, ctx)
+                if run.cancel_reason is not None:
+                    # The stage swallowed our CancelledError: the run still ends here.
+                    raise asyncio.CancelledError
                 text = state_json(state, stage.name, max_bytes=self._max_state)
                 run.stage = stage.name
                 if stage is not last:
@@ -236,17 +249,19 @@ class Executor:
         except Exception as exc:
             await self._fail(run, exc, run.current_stage)
 
-    def _remaining(self, job: Job) -> list[Stage]:
+    def _remaining(self, job: Job, stages: list[Stage]) -> list[Stage]:
         if job.stage is None:
-            return self._stages
-        if job.stage in self._names:
-            return self._stages[self._names.index(job.stage) + 1 :]
+            return stages
+        names = [s.name for s in stages]
+        if job.stage in names:
+            return stages[names.index(job.stage) + 1 :]
         self._logger.warning(
             "checkpointed stage is not one of this worker's stages; starting over",
             job_id=job.id,
             checkpoint=job.stage,
+            kind=job.kind,
         )
-        return self._stages
+        return stages
 
     async def _run_stage(self, stage: Stage, ctx: StageContext) -> None:
         started = time.monotonic()
@@ -313,6 +328,14 @@ class Executor:
         self._completer.submit(release(job, stage=run.stage, state=run.saved_state))
         self._metrics.job_released()
         self._logger.info("job released at shutdown; attempt refunded", stage=run.stage)
+
+    def cancel_unstarted(self, job: Job) -> None:
+        """Cancel a claimed job that never started (it waited in the prefetch buffer)."""
+        run = self.new_run(job, None)
+        run.cancel_reason = CANCEL
+        task = asyncio.create_task(self._cancelled(run), name=f"worker_core.cancel.{job.id}")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _fail(self, run: Run, exc: Exception, stage: str | None) -> None:
         if isinstance(exc, LeaseLostError):

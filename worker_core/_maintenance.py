@@ -1,7 +1,10 @@
 """Maintenance: the periodic tasks of a running worker.
 
 - heartbeat: every ``queue.heartbeat_seconds`` one statement renews every lease
-  the worker holds, by (job id, lease token); a lease found gone stops its run;
+  the worker holds, by (job id, lease token); a lease found gone stops its run,
+  and so does a cancel request found on a lease (should its NOTIFY be missed);
+- paused queues: read at start, whenever LISTEN (re)connects, and every
+  ``queue.poll_interval`` while it is down (the NOTIFY of a pause is then missed);
 - rescue: at start-up and every ``lease_seconds / 2`` (at most 30 s) any worker
   returns the jobs of dead or hung workers (``Queue.rescue_expired``);
 - prune: finished jobs past retention, in batches, one worker at a time;
@@ -53,6 +56,7 @@ class Maintenance:
         self._logger = logger
         self._rng = rng or random.Random()
         self._may_not_vacuum = False  # the role does not own the jobs table
+        self._reread_paused = asyncio.Event()
 
     # -- leases ----------------------------------------------------------------------
     async def heartbeat_loop(
@@ -60,6 +64,7 @@ class Maintenance:
         leases: Leases,
         lost: Callable[[set[str]], None],
         rescued: Callable[[], None],
+        cancelled: Callable[[set[str]], None] | None = None,
     ) -> None:
         """Renew leases every heartbeat; rescue expired ones every ``lease / 2``."""
         queue_cfg = self._config.queue
@@ -68,7 +73,7 @@ class Maintenance:
         while True:
             await asyncio.sleep(queue_cfg.heartbeat_seconds)
             try:
-                await self.heartbeat(leases, lost)
+                await self.heartbeat(leases, lost, cancelled)
                 if time.monotonic() - last_rescue >= rescue_every:
                     last_rescue = time.monotonic()
                     if await self.rescue():
@@ -80,15 +85,61 @@ class Maintenance:
                     "heartbeat failed", error=redact_text(str(exc)), error_type=type(exc).__name__
                 )
 
-    async def heartbeat(self, leases: Leases, lost: Callable[[set[str]], None]) -> None:
-        """One heartbeat: renew ``leases()``; report the tokens no longer held."""
+    async def heartbeat(
+        self,
+        leases: Leases,
+        lost: Callable[[set[str]], None],
+        cancelled: Callable[[set[str]], None] | None = None,
+    ) -> None:
+        """One heartbeat: renew ``leases()``; report the tokens no longer held, and
+        those whose job an operator asked to cancel."""
         held = leases()
         if not held:
             return
-        renewed = await self._queue.heartbeat(held, lease_seconds=self._config.queue.lease_seconds)
+        renewed = await self._queue.renew_leases(
+            held, lease_seconds=self._config.queue.lease_seconds
+        )
         gone = {token for _, token in held if token not in renewed}
         if gone:
             lost(gone)
+        asked = {token for token, cancel in renewed.items() if cancel}
+        if asked and cancelled is not None:
+            cancelled(asked)
+
+    # -- paused queues -------------------------------------------------------------
+    def paused_stale(self) -> None:
+        """Read the paused queues again soon (LISTEN reconnected: a NOTIFY may be lost)."""
+        self._reread_paused.set()
+
+    async def paused_loop(
+        self, listening: Callable[[], bool], apply: Callable[[list[str], bool], None]
+    ) -> None:
+        """Tell ``apply`` which of the worker's queues are paused and which are not:
+        at start, after ``paused_stale()``, and every poll interval while not
+        ``listening()``."""
+        names = set(self._config.queue.names)
+        while True:
+            try:
+                paused = set(await self._queue.paused()) & names
+                apply(sorted(paused), True)
+                apply(sorted(names - paused), False)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._logger.warning(
+                    "reading paused queues failed",
+                    error=redact_text(str(exc)),
+                    error_type=type(exc).__name__,
+                )
+            self._reread_paused.clear()
+            while True:
+                try:
+                    async with asyncio.timeout(self._config.queue.poll_interval):
+                        await self._reread_paused.wait()
+                    break
+                except TimeoutError:
+                    if not listening():
+                        break
 
     async def rescue(self) -> int:
         """Return expired leases of any worker to queued (or dead); returns how many."""

@@ -1,7 +1,9 @@
 """The notifier: one LISTEN connection that wakes an idle worker when jobs arrive.
 
-It listens on the schema's job channel (payload: the queue name) and on the
-breaker channel (a fleet breaker tripped elsewhere). It connects with
+It listens on the schema's job channel (payload: the queue name), on the
+breaker channel (a fleet breaker tripped elsewhere) and on the control channel
+(an operator cancelled a running job, or paused or resumed a queue: JSON
+payloads written by ``Queue.cancel``, ``pause`` and ``resume``). It connects with
 ``database.listen_dsn`` when set (a direct server address for fleets whose pool
 goes through PgBouncer in transaction mode, where LISTEN does not work), else
 with ``database.dsn``. While it is down the claim loop polls every
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import random
 from collections.abc import Callable
 
@@ -35,11 +38,18 @@ class Notifier:
         *,
         on_work: Callable[[], None],
         on_breaker_trip: Callable[[], None],
+        on_cancel: Callable[[int], object] | None = None,
+        on_pause: Callable[[list[str], bool], None] | None = None,
+        on_connect: Callable[[], None] | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self._config = config
         self._channel = queue.channel
         self._breaker_channel = queue.breaker_channel
+        self._control_channel = queue.control_channel
+        self._on_cancel = on_cancel
+        self._on_pause = on_pause
+        self._on_connect = on_connect
         self._logger = logger
         self._on_work = on_work
         self._on_breaker_trip = on_breaker_trip
@@ -55,7 +65,7 @@ class Notifier:
 
         delay = 0.1
         failing = False
-        name = self._config.queue.name
+        names = frozenset(self._config.queue.names)
         database = self._config.database
         while True:
             conn = None
@@ -66,17 +76,21 @@ class Notifier:
                     connect_timeout=max(1, int(database.connect_timeout)),
                     application_name=f"{database.application_name}.listen"[:63],
                 )
-                for channel in (self._channel, self._breaker_channel):
+                for channel in (self._channel, self._breaker_channel, self._control_channel):
                     await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
                 self.connected = True
                 self.connects += 1
                 delay, failing = 0.1, False
                 self._on_work()  # catch up on what was sent while disconnected
+                if self._on_connect is not None:
+                    self._on_connect()
                 while True:
                     async for notice in conn.notifies(timeout=30.0):
                         if notice.channel == self._breaker_channel:
                             self._on_breaker_trip()
-                        elif notice.payload == name:
+                        elif notice.channel == self._control_channel:
+                            self._control(notice.payload)
+                        elif notice.payload in names:
                             self._on_work()
                     await conn.execute("SELECT 1")  # a dead connection shows here
             except asyncio.CancelledError:
@@ -100,3 +114,20 @@ class Notifier:
                 if conn is not None:
                     with contextlib.suppress(Exception):
                         await conn.close()
+
+    def _control(self, payload: str) -> None:
+        """Act on an operator's command; anything malformed is ignored (anyone who may
+        NOTIFY could send it, and a command only ever asks, the database decides)."""
+        try:
+            command = json.loads(payload)
+            op = command["op"]
+            if op == "cancel" and self._on_cancel is not None:
+                job_id = command["id"]
+                if isinstance(job_id, int) and not isinstance(job_id, bool):
+                    self._on_cancel(job_id)
+            elif op in ("pause", "resume") and self._on_pause is not None:
+                queue = command["queue"]
+                if isinstance(queue, str):
+                    self._on_pause([queue], op == "pause")
+        except (ValueError, TypeError, KeyError):
+            return

@@ -43,7 +43,7 @@ from .queue import Queue, open_pool
 from .schedules import start_schedules, validate_schedules
 from .snapshot import HealthCheck, WorkerSnapshot, WorkerView
 from .sql import migrations
-from .stages import validate_stages
+from .stages import validate_pipelines, validate_stages
 
 if TYPE_CHECKING:
     from psycopg import AsyncConnection
@@ -74,6 +74,7 @@ class RunParts:
     logger: StructuredLogger
     hooks: Hooks
     stages: Callable[[], Sequence[Any]]
+    pipelines: Callable[[], Mapping[str, Sequence[Any]] | None]
     on_startup: Callable[[], Awaitable[None]]
     on_shutdown: Callable[[], Awaitable[None]]
     breakers: BreakerRegistry
@@ -232,7 +233,17 @@ class Runtime:
             await parts.limiters.attach(queue)
             await parts.on_startup()
             started = True
-            stages = validate_stages(parts.stages())  # after on_startup: it may build clients
+            # After on_startup: it may build clients. A worker with pipelines()
+            # claims only the kinds it names; with stages(), jobs of every kind.
+            pipelines = parts.pipelines()
+            if pipelines is None:
+                stages: list[Any] | None = validate_stages(parts.stages())
+                by_kind: dict[str, list[Any]] | None = None
+                kinds: list[str] | None = None
+            else:
+                stages, by_kind = None, validate_pipelines(pipelines)
+                kinds = sorted(by_kind)
+            parts.console.registry.kinds = kinds
             completer = self._completer = Completer(
                 queue,
                 flush_interval=config.queue.flush_interval,
@@ -244,23 +255,26 @@ class Runtime:
                 rng=parts.rng,
             )
             executor = Executor(
-                stages=stages, hooks=parts.hooks, config=config, metrics=parts.metrics,
-                logger=self._log, completer=completer, services=self, worker=parts.worker,
-                worker_id=parts.worker_id, rng=parts.rng, recorder=parts.console,
+                stages=stages, pipelines=by_kind, hooks=parts.hooks, config=config,
+                metrics=parts.metrics, logger=self._log, completer=completer, services=self,
+                worker=parts.worker, worker_id=parts.worker_id, rng=parts.rng,
+                recorder=parts.console,
             )  # fmt: skip
             dispatcher = self._dispatcher = Dispatcher(
                 queue=queue, completer=completer, executor=executor, config=config,
                 metrics=parts.metrics, logger=self._log, worker_id=parts.worker_id,
-                paused_for=self._paused_for,
+                paused_for=self._paused_for, kinds=kinds,
             )  # fmt: skip
             if self._stop_requested:
                 dispatcher.request_stop()
             maintenance = Maintenance(
                 queue, config, parts.metrics, self._log, console=parts.console, rng=parts.rng
             )
-            self._notifier = Notifier(
+            notifier = self._notifier = Notifier(
                 config, queue, self._log, on_work=dispatcher.notify,
-                on_breaker_trip=self._breaker_tripped_elsewhere, rng=parts.rng,
+                on_breaker_trip=self._breaker_tripped_elsewhere, on_cancel=dispatcher.cancel,
+                on_pause=dispatcher.set_paused, on_connect=maintenance.paused_stale,
+                rng=parts.rng,
             )  # fmt: skip
 
             def leases() -> list[tuple[int, str]]:
@@ -269,10 +283,16 @@ class Runtime:
             background = [
                 asyncio.create_task(completer.run(), name="worker_core.completer"),
                 asyncio.create_task(
-                    maintenance.heartbeat_loop(leases, dispatcher.lost, dispatcher.notify),
+                    maintenance.heartbeat_loop(
+                        leases, dispatcher.lost, dispatcher.notify, dispatcher.cancel_tokens
+                    ),
                     name="worker_core.heartbeat",
                 ),
-                asyncio.create_task(self._notifier.run(), name="worker_core.listener"),
+                asyncio.create_task(notifier.run(), name="worker_core.listener"),
+                asyncio.create_task(
+                    maintenance.paused_loop(lambda: notifier.connected, dispatcher.set_paused),
+                    name="worker_core.paused",
+                ),
                 asyncio.create_task(maintenance.prune_loop(), name="worker_core.prune"),
                 asyncio.create_task(maintenance.vacuum_loop(), name="worker_core.vacuum"),
                 asyncio.create_task(maintenance.history_loop(), name="worker_core.history"),
@@ -299,7 +319,12 @@ class Runtime:
             self._log.info(
                 "worker started",
                 concurrency=config.queue.concurrency,
-                stages=[s.name for s in stages],
+                queues=list(config.queue.names),
+                **(
+                    {"stages": [s.name for s in stages]}
+                    if stages is not None
+                    else {"kinds": {k: [s.name for s in p] for k, p in (by_kind or {}).items()}}
+                ),
             )
             await dispatcher.run(until_empty)
         finally:

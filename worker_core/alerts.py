@@ -275,9 +275,16 @@ class AlertEvaluator:
     async def run(self, queue: Queue) -> None:
         """Evaluate every ``interval`` seconds until cancelled (errors are logged)."""
         while True:
+            tick = asyncio.ensure_future(self.tick(queue))
             try:
-                await self.tick(queue)
+                await asyncio.shield(tick)
             except asyncio.CancelledError:
+                # The worker stops: let a tick in progress finish (bounded), or a
+                # webhook sent but not yet recorded would be sent again by the next
+                # evaluator.
+                await asyncio.wait([tick], timeout=5.0)
+                if not tick.done():
+                    tick.cancel()
                 raise
             except Exception as exc:
                 self._log.warning(

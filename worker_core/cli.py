@@ -211,7 +211,7 @@ async def cmd_enqueue(args: argparse.Namespace, out: IO[str], stdin: IO[str]) ->
     if len(ids) <= 20:
         out.write(" ".join(str(i) for i in ids) + "\n")
     else:
-        out.write(f"enqueued {len(ids)} jobs ({ids[0]}..{ids[-1]}) on {config.queue.name!r}\n")
+        out.write(f"enqueued {len(ids)} jobs ({ids[0]}..{ids[-1]}) on {config.queue.primary!r}\n")
     return EXIT_OK
 
 
@@ -278,7 +278,7 @@ async def cmd_schedules(args: argparse.Namespace, out: IO[str]) -> int:
             "cron": s.cron,
             "timezone": s.timezone,
             "kind": s.kind,
-            "queue": s.queue or config.queue.name,
+            "queue": s.queue or config.queue.primary,
             "missed": s.missed,
             "next_runs": [t.astimezone(s.zone).isoformat() for t in s.next_runs(now, args.count)],
         }
@@ -303,7 +303,7 @@ async def cmd_status(args: argparse.Namespace, out: IO[str]) -> int:
 
     config = load_config(args)
     require_dsn(config)
-    name = None if args.all_queues else config.queue.name
+    name = None if args.all_queues else config.queue.primary
     async with Queue(config) as queue:
         counts = await queue.stats(name)
         stages = await queue.stage_counts(name)
@@ -352,14 +352,14 @@ async def cmd_dead_letters(args: argparse.Namespace, out: IO[str]) -> int:
     require_dsn(config)
     async with Queue(config) as queue:
         if args.action == "list":
-            jobs = await queue.dead_letters(config.queue.name, limit=args.limit)
+            jobs = await queue.dead_letters(config.queue.primary, limit=args.limit)
             if args.json:
                 rows = [
                     {**_dead_summary(j), "payload": j.payload, "errors": j.errors} for j in jobs
                 ]
                 out.write(json.dumps(rows, default=str) + "\n")
             elif not jobs:
-                out.write(f"no dead jobs on {config.queue.name!r}\n")
+                out.write(f"no dead jobs on {config.queue.primary!r}\n")
             else:
                 for job in jobs:
                     item = _dead_summary(job)
@@ -372,7 +372,7 @@ async def cmd_dead_letters(args: argparse.Namespace, out: IO[str]) -> int:
             raise CommandError("give job ids to requeue, or --all (not both)")
         ids = list(args.ids)
         if args.all:
-            ids = [j.id for j in await queue.dead_letters(config.queue.name, limit=1_000_000)]
+            ids = [j.id for j in await queue.dead_letters(config.queue.primary, limit=1_000_000)]
         moved = await queue.requeue(ids)
     out.write(f"requeued {moved} of {len(ids)} jobs\n")
     return EXIT_OK

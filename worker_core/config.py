@@ -9,10 +9,11 @@ never echoed in errors, so a malformed DSN cannot leak its password.
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -23,7 +24,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .redact import mask_dsn
 
@@ -147,10 +148,25 @@ with warnings.catch_warnings():
 
 
 class QueueSettings(_Section):
-    """Which queue a worker serves and how it paces itself."""
+    """Which queues a worker serves and how it paces itself."""
 
-    name: str = Field(default="default", min_length=1, max_length=200)
+    name: Annotated[str | list[str], NoDecode] = Field(
+        default="default",
+        description="a queue name, or a list of names: the worker claims from all of them "
+        "(priority, then run_at); enqueue defaults to the first",
+    )
     concurrency: int = Field(default=10, ge=1, le=10_000, description="jobs in flight per worker")
+    queue_concurrency: dict[str, int] = Field(
+        default_factory=dict,
+        description="per queue name: jobs of that queue in flight per worker at most "
+        "(each within concurrency); queues not listed share concurrency",
+    )
+    max_running: int | dict[str, int] | None = Field(
+        default=None,
+        description="jobs of a queue running at once across the whole fleet: one number for "
+        "each of the worker's queues, or per queue name; every worker of a queue should "
+        "use the same value",
+    )
     poll_interval: float = Field(default=1.0, gt=0, description="fallback poll (s) without NOTIFY")
     lease_seconds: float = Field(default=30.0, gt=0)
     heartbeat_seconds: float = Field(default=10.0, gt=0)
@@ -193,20 +209,101 @@ class QueueSettings(_Section):
         "started on first use; default: the CPU count",
     )
 
+    @field_validator("name", mode="before")
+    @classmethod
+    def _parse_names(cls, value: Any) -> Any:
+        # From the environment a list comes as JSON text (WORKER_CORE_QUEUE__NAME='["a", "b"]');
+        # any other text is one name, taken as is (NoDecode: "1" stays the name "1").
+        if isinstance(value, str) and value.lstrip().startswith("["):
+            try:
+                parsed = json.loads(value)
+            except ValueError:
+                return value
+            if isinstance(parsed, list):
+                return parsed
+        return value
+
     @field_validator("name")
     @classmethod
-    def _check_name(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("must not be blank")
-        if any(ord(c) < 32 for c in value):
-            raise ValueError("must not contain control characters")
+    def _check_name(cls, value: str | list[str]) -> str | list[str]:
+        names = [value] if isinstance(value, str) else value
+        if not names:
+            raise ValueError("must name at least one queue")
+        if len(names) > MAX_QUEUES:
+            raise ValueError(f"at most {MAX_QUEUES} queues")
+        for name in names:
+            _check_queue_name(name)
+        if len(set(names)) != len(names):
+            raise ValueError("names a queue twice")
+        return value
+
+    @field_validator("queue_concurrency")
+    @classmethod
+    def _check_queue_concurrency(cls, value: dict[str, int]) -> dict[str, int]:
+        for name, n in value.items():
+            _check_queue_name(name)
+            if not 1 <= n <= 10_000:
+                raise ValueError("each value must be between 1 and 10000")
+        return value
+
+    @field_validator("max_running")
+    @classmethod
+    def _check_max_running(cls, value: int | dict[str, int] | None) -> int | dict[str, int] | None:
+        caps = value.values() if isinstance(value, dict) else [] if value is None else [value]
+        if isinstance(value, dict):
+            for name in value:
+                _check_queue_name(name)
+        for n in caps:
+            if not 1 <= n <= 1_000_000:
+                raise ValueError("must be between 1 and 1000000")
         return value
 
     @model_validator(mode="after")
     def _check_lease(self) -> QueueSettings:
         if self.heartbeat_seconds >= self.lease_seconds:
             raise ValueError("heartbeat_seconds must be < lease_seconds")
+        names = set(self.names)
+        for label, keys in (
+            ("queue_concurrency", self.queue_concurrency),
+            ("max_running", self.max_running if isinstance(self.max_running, dict) else {}),
+        ):
+            unknown = sorted(set(keys) - names)
+            if unknown:
+                raise ValueError(f"{label} names queues the worker does not serve: {unknown}")
         return self
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every queue the worker claims from, in configured order."""
+        return (self.name,) if isinstance(self.name, str) else tuple(self.name)
+
+    @property
+    def primary(self) -> str:
+        """The first queue: where ``enqueue`` puts jobs unless told otherwise."""
+        return self.names[0]
+
+    def cap(self, name: str) -> int | None:
+        """``max_running`` of queue ``name`` (None: no fleet-wide cap)."""
+        if isinstance(self.max_running, dict):
+            return self.max_running.get(name)
+        return self.max_running
+
+
+#: Queues one worker may serve.
+MAX_QUEUES = 64
+
+
+def _check_queue_name(name: object) -> None:
+    if not isinstance(name, str):
+        raise ValueError("a queue name must be a string")
+    if not name.strip():
+        raise ValueError("a queue name must not be blank")
+    if len(name) > 200:
+        raise ValueError("a queue name must be at most 200 characters")
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise ValueError("a queue name must not contain control characters")
+    if any(0xD800 <= ord(c) <= 0xDFFF for c in name):
+        raise ValueError("a queue name must not contain lone surrogates")
 
 
 class RetrySettings(_Section):

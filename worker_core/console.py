@@ -56,7 +56,7 @@ class WorkerConsole:
         self.history = HistoryRecorder()
         self.registry = WorkerRegistry(
             worker_id,
-            queues=[config.queue.name],
+            queues=list(config.queue.names),
             kinds=kinds,
             concurrency=config.queue.concurrency,
             lease_seconds=config.queue.lease_seconds,

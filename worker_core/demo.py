@@ -115,7 +115,7 @@ async def _ingest(args: argparse.Namespace, dsn: str, out: IO[str]) -> int:
             worker.progress = bar
             await worker.run(until_empty=True)
         after = await _chunk_count(queue)
-        dead = await queue.dead_letters(config.queue.name, limit=5)
+        dead = await queue.dead_letters(config.queue.primary, limit=5)
     summary = worker.metrics.summary()
     out.write(
         f"jobs: {summary['processed']} succeeded, {summary['dead_lettered']} dead-lettered, "

@@ -497,7 +497,9 @@ async def health_report_for_config(
 async def _queue_depth(config: WorkerConfig, timeout: float) -> dict[str, Any]:
     async with _connect(config, timeout) as queue:
         depth = await queue.depth()
-    return {"queue": queue.config.queue.name, **{k: round(v, 3) for k, v in depth.items()}}
+    names = queue.config.queue.names
+    label = names[0] if len(names) == 1 else list(names)
+    return {"queue": label, **{k: round(v, 3) for k, v in depth.items()}}
 
 
 def __getattr__(name: str) -> Any:

@@ -10,8 +10,16 @@ Who moves a job between states (each arrow is one guarded SQL statement in
     running --lease expired (worker died)--> queued, or dead when attempts are exhausted
     running --worker shut down before finishing--> queued   (attempt refunded)
     running --cancel--> cancelled                           (the owning worker stops the run)
+    running --lease expired, cancel requested--> cancelled
     queued --cancel--> cancelled          dead --requeue--> queued
     dead --discard--> cancelled           (an operator gave up on it: Queue.discard)
+
+``Queue.cancel`` on a running job moves nothing: it records a cancel request
+(``cancel_requested_at``) and tells the owning worker, which stops the run and
+writes ``cancel``. While a request stands, an outcome that would queue the job
+again (retry, defer, release) is written as ``cancel``, and rescue cancels the
+job instead of queueing it (``effective_event``); a ``cancel`` that nobody
+requested is written as ``release``.
 
 Every claim sets a fresh random ``lease_token``; every write of that run is fenced
 by ``status = 'running' AND lease_token = <the run's token>``. The ``finish``
@@ -46,6 +54,7 @@ __all__ = [
     "clean_text",
     "dump_json",
     "dump_json_objects",
+    "effective_event",
 ]
 
 
@@ -78,6 +87,7 @@ class Transition(enum.StrEnum):
     BURY = "bury"  # permanent error or attempts exhausted
     RESCUE = "rescue"  # lease expired, attempts left
     RESCUE_DEAD = "rescue_dead"  # lease expired, attempts exhausted
+    RESCUE_CANCEL = "rescue_cancel"  # lease expired while a cancel was requested
     RELEASE = "release"  # worker shutting down: attempt refunded
     CANCEL = "cancel"
     REQUEUE = "requeue"
@@ -102,6 +112,7 @@ TRANSITIONS: Mapping[tuple[JobStatus, Transition], JobStatus] = {
     (_R, Transition.BURY): _D,
     (_R, Transition.RESCUE): _Q,
     (_R, Transition.RESCUE_DEAD): _D,
+    (_R, Transition.RESCUE_CANCEL): _C,
     (_R, Transition.RELEASE): _Q,
     (_R, Transition.CANCEL): _C,
     (_R, Transition.CHECKPOINT): _R,
@@ -123,6 +134,23 @@ RUN_EVENTS: frozenset[Transition] = frozenset(
         Transition.CANCEL,
     }
 )
+#: Run events that would queue the job again: a standing cancel request turns them into CANCEL.
+_REQUEUING: frozenset[Transition] = frozenset(
+    {Transition.RETRY, Transition.DEFER, Transition.RELEASE}
+)
+
+
+def effective_event(event: Transition, cancel_requested: bool) -> Transition:
+    """The event a run's outcome ``event`` is written as, with or without a standing
+    cancel request: a requested cancel wins over anything that would queue the job
+    again; a cancel nobody requested releases the job (attempt refunded)."""
+    if cancel_requested and event in _REQUEUING:
+        return Transition.CANCEL
+    if not cancel_requested and event is Transition.CANCEL:
+        return Transition.RELEASE
+    return event
+
+
 #: Events that give the attempt back (the run did not count as a try).
 REFUNDED: frozenset[Transition] = frozenset({Transition.DEFER, Transition.RELEASE})
 #: Events that count a deferral (bounded by ``retry.max_deferrals``).
@@ -159,6 +187,8 @@ class Job:
     errors_dropped: int = 0
     #: What the job is (``enqueue(kind=...)``); last, so positional construction keeps working.
     kind: str = "default"
+    #: When ``Queue.cancel`` asked the worker running the job to stop it (running jobs only).
+    cancel_requested_at: datetime | None = None
 
     @property
     def attempts_left(self) -> int:
@@ -195,6 +225,7 @@ class Job:
             lease_token=_text(row.get("lease_token")),
             errors_dropped=row.get("errors_dropped") or 0,
             kind=row.get("kind") or "default",
+            cancel_requested_at=row.get("cancel_requested_at"),
         )
 
 

@@ -406,7 +406,7 @@ class MetricsCollector:
             return False
         try:
             async with asyncio.timeout(timeout):
-                depth = await queue.depth(self.metrics.queue)
+                depth = await queue.depth()  # every queue of the worker
                 hygiene = await queue.table_health()
                 self._alerts = await queue.firing_alerts()
         except Exception:

@@ -10,6 +10,7 @@ are fenced by it (see ``worker_core.outcomes``).
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 import json
@@ -24,6 +25,7 @@ from psycopg import AsyncConnection, sql
 from psycopg.rows import dict_row
 from psycopg.types.json import set_json_loads
 
+from ._waiter import Waiter
 from .config import WorkerConfig
 from .jobs import (
     DEFERRED,
@@ -35,6 +37,7 @@ from .jobs import (
     check_label,
     dump_json,
     dump_json_objects,
+    effective_event,
 )
 from .logs import StructuredLogger
 from .outcomes import MAX_ERROR_RECORDS, Outcome
@@ -49,9 +52,14 @@ __all__ = [
     "Queue",
     "breaker_channel_name",
     "channel_name",
+    "control_channel_name",
+    "done_channel_name",
     "open_pool",
     "outcomes_json",
 ]
+
+#: The statuses ``wait`` returns at.
+_ENDED = frozenset({JobStatus.SUCCEEDED, JobStatus.DEAD, JobStatus.CANCELLED})
 
 _ON_CONFLICT = sql.SQL(
     "ON CONFLICT (queue, dedupe_key) "
@@ -72,6 +80,23 @@ def breaker_channel_name(schema: str) -> str:
     name = f"worker_core_{schema}_breakers"
     if len(name) > 63:
         name = "worker_core_b_" + hashlib.sha1(schema.encode()).hexdigest()
+    return name
+
+
+def control_channel_name(schema: str) -> str:
+    """The channel of operator commands to workers: JSON ``{"op": "cancel", "id": n}``,
+    ``{"op": "pause" | "resume", "queue": name}``."""
+    name = f"worker_core_{schema}_control"
+    if len(name) > 63:
+        name = "worker_core_c_" + hashlib.sha1(schema.encode()).hexdigest()
+    return name
+
+
+def done_channel_name(schema: str) -> str:
+    """The channel on which a waited-for job's end is announced (payload: its id)."""
+    name = f"worker_core_{schema}_done"
+    if len(name) > 63:
+        name = "worker_core_d_" + hashlib.sha1(schema.encode()).hexdigest()
     return name
 
 
@@ -139,6 +164,9 @@ class Queue:
         self.schema = config.database.schema
         self.channel = channel_name(self.schema)
         self.breaker_channel = breaker_channel_name(self.schema)
+        self.control_channel = control_channel_name(self.schema)
+        self.done_channel = done_channel_name(self.schema)
+        self._waiter: Waiter | None = None
         self._pool = pool
         self._owns_pool = pool is None
         queries = load_queries()
@@ -162,6 +190,9 @@ class Queue:
         return self
 
     async def close(self) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            await waiter.close()
         if self._pool is not None and self._owns_pool:
             await self._pool.close()
             self._pool = None
@@ -524,10 +555,54 @@ class Queue:
             return len(await cur.fetchall())
 
     async def cancel(self, job_id: int) -> bool:
-        """Cancel a queued job; ``False`` if it is not queued (running or finished)."""
+        """Cancel a queued job, or ask the worker running it to stop it; ``False`` if the
+        job is finished or unknown.
+
+        A running job ends ``cancelled`` once its worker stopped the run (at the
+        stage's next await, within moments), or at rescue if that worker died.
+        """
+        params = {"id": int(job_id), "control": self.control_channel, "done": self.done_channel}
         async with self.connection() as conn:
-            cur = await conn.execute(self._sql["cancel"], {"id": int(job_id)})
+            cur = await conn.execute(self._sql["cancel"], params)
             return await cur.fetchone() is not None
+
+    async def wait(self, job_id: int, timeout: float | None = None) -> Job:
+        """Wait until the job is succeeded, dead or cancelled, and return it.
+
+        A NOTIFY announces the job's end (the first wait opens this Queue's LISTEN
+        connection), so nothing polls while it runs; should that connection fail, the
+        job is read again every ``queue.poll_interval``. Several waits, for one or many
+        jobs, share the connection.
+
+        Raises:
+            TimeoutError: not finished within ``timeout`` seconds.
+            LookupError: no job has this id.
+        """
+        if timeout is not None and not (isinstance(timeout, int | float) and timeout >= 0):
+            raise ValueError(f"timeout must be None or a number of seconds >= 0, not {timeout!r}")
+        if timeout is not None and not math.isfinite(timeout):
+            timeout = None
+        job_id = int(job_id)
+        if self._waiter is None:
+            self._waiter = Waiter(self.config, self.done_channel)
+        waiter = self._waiter
+        try:
+            async with asyncio.timeout(timeout):
+                with waiter.watch(job_id) as woken:
+                    await waiter.listening()
+                    async with self.connection() as conn:
+                        # Marked after LISTEN is up, read after the mark: a job that ends
+                        # later is announced; one that ended before is read here.
+                        await conn.execute(self._sql["wait_for"], {"id": job_id})
+                    while True:
+                        job = await self.get(job_id)
+                        if job is None:
+                            raise LookupError(f"job {job_id} does not exist")
+                        if job.status in _ENDED:
+                            return job
+                        await waiter.until(woken, self.config.queue.poll_interval)
+        except TimeoutError:
+            raise TimeoutError(f"job {job_id} did not finish within {timeout}s") from None
 
     # -- the worker protocol -------------------------------------------------------
     async def claim(
@@ -536,30 +611,57 @@ class Queue:
         limit: int,
         *,
         lease_seconds: float,
-        queue: str | None = None,
+        queue: str | Sequence[str] | None = None,
+        kinds: Sequence[str] | None = None,
+        rooms: Mapping[str, int] | None = None,
         connection: AsyncConnection[Any] | None = None,
     ) -> list[Job]:
         """Claim up to ``limit`` ready jobs for ``owner`` under a lease; each comes back
-        with a fresh ``lease_token`` that fences every later write of this run."""
+        with a fresh ``lease_token`` that fences every later write of this run.
+
+        Args:
+            queue: one queue or several (default: every queue of ``config.queue.name``);
+                the best jobs across them come first (priority, then run_at). Paused
+                queues give none; ``config.queue.max_running`` caps each queue fleet-wide.
+            kinds: claim only jobs of these kinds (None: any kind).
+            rooms: at most this many jobs of a queue (default: ``limit``).
+        """
+        limit = int(limit)
+        wanted = sorted(set(self._queue_names(queue)))  # the lock order of running_room
+        room = [limit if rooms is None else min(int(rooms.get(n, 0)), limit) for n in wanted]
+        params: dict[str, Any] = {
+            "queues": wanted,
+            "rooms": room,
+            "caps": [self.config.queue.cap(n) for n in wanted],
+            "limit": limit,
+            "owner": owner,
+            "lease": float(lease_seconds),
+        }
+        name = "claim"
+        if kinds is not None:
+            params["kinds"] = sorted({check_label(k, "kind") for k in kinds})
+            name = "claim_kinds"
         async with self.connection(connection) as conn:
-            cur = await conn.execute(
-                self._sql["claim"],
-                {
-                    "queue": self._queue_name(queue),
-                    "limit": int(limit),
-                    "owner": owner,
-                    "lease": float(lease_seconds),
-                },
-            )
-            return [Job.from_claim(row) for row in await cur.fetchall()]
+            cur = await conn.execute(self._sql[name], params)
+            jobs = [Job.from_claim(row) for row in await cur.fetchall()]
+        # RETURNING follows the join, not the pick: put the best first again.
+        jobs.sort(key=_claim_order)
+        return jobs
 
     async def heartbeat(
         self, leases: Iterable[tuple[int, str]], *, lease_seconds: float
     ) -> set[str]:
         """Renew the leases ``(job id, lease token)``; returns the tokens still held."""
+        return set(await self.renew_leases(leases, lease_seconds=lease_seconds))
+
+    async def renew_leases(
+        self, leases: Iterable[tuple[int, str]], *, lease_seconds: float
+    ) -> dict[str, bool]:
+        """``heartbeat``, saying for each token still held whether an operator asked to
+        cancel its job (the fallback when the cancel NOTIFY was missed)."""
         pairs = list(leases)
         if not pairs:
-            return set()
+            return {}
         async with self.connection() as conn:
             cur = await conn.execute(
                 self._sql["heartbeat"],
@@ -569,7 +671,7 @@ class Queue:
                     "lease": float(lease_seconds),
                 },
             )
-            return {r[0] for r in await cur.fetchall()}
+            return {r[0]: bool(r[1]) for r in await cur.fetchall()}
 
     async def finish(
         self,
@@ -585,15 +687,15 @@ class Queue:
         """
         if not outcomes:
             return set()
-        params = {"outcomes": outcomes_json(outcomes), "keep_errors": MAX_ERROR_RECORDS}
+        params = {
+            "outcomes": outcomes_json(outcomes),
+            "keep_errors": MAX_ERROR_RECORDS,
+            "channel": self.channel,
+            "done_channel": self.done_channel,
+        }
         async with self.connection(connection) as conn:
             cur = await conn.execute(self._sql["finish"], params)
-            written = {r[0] for r in await cur.fetchall()}
-            if any(o.token in written and _wakes(o) for o in outcomes):
-                await conn.execute(
-                    self._sql["notify"], {"channel": self.channel, "queue": self.config.queue.name}
-                )
-        return written
+            return {r[0] for r in await cur.fetchall()}
 
     async def rescue(self, limit: int = 1000) -> int:
         """Return jobs whose lease expired (their worker died or hung) to queued, or to
@@ -605,17 +707,29 @@ class Queue:
         """``rescue``, returning ``(job id, queue, new status)`` of each job moved."""
         async with self.connection() as conn:
             cur = await conn.execute(
-                self._sql["rescue"], {"limit": int(limit), "keep_errors": MAX_ERROR_RECORDS}
+                self._sql["rescue"],
+                {
+                    "limit": int(limit),
+                    "keep_errors": MAX_ERROR_RECORDS,
+                    "done_channel": self.done_channel,
+                },
             )
             rows = [(r[0], r[1], JobStatus(r[2])) for r in await cur.fetchall()]
             for queue in sorted({q for _, q, s in rows if s is JobStatus.QUEUED}):
                 await conn.execute(self._sql["notify"], {"channel": self.channel, "queue": queue})
         return rows
 
-    async def next_run_at(self, queue: str | None = None) -> datetime | None:
-        """When the earliest queued job of ``queue`` becomes ready."""
+    async def next_run_at(
+        self, queue: str | Sequence[str] | None = None, *, kinds: Sequence[str] | None = None
+    ) -> datetime | None:
+        """When the earliest queued job of ``queue`` (default: every queue of the
+        config) and ``kinds`` (None: any) becomes ready; paused queues have none."""
+        params = {
+            "queues": self._queue_names(queue),
+            "kinds": None if kinds is None else list(kinds),
+        }
         async with self.connection() as conn:
-            cur = await conn.execute(self._sql["next_run_at"], {"queue": self._queue_name(queue)})
+            cur = await conn.execute(self._sql["next_run_at"], params)
             row = await cur.fetchone()
         return row[0] if row else None
 
@@ -641,11 +755,12 @@ class Queue:
             )
             return cur.rowcount
 
-    async def depth(self, queue: str | None = None) -> dict[str, float]:
-        """Ready, scheduled and running counts and the oldest ready job's age (s)."""
+    async def depth(self, queue: str | Sequence[str] | None = None) -> dict[str, float]:
+        """Ready, scheduled and running counts and the oldest ready job's age (s), of
+        ``queue`` (one name, several, or by default every queue of the config)."""
         async with self.connection() as conn:
             cur = conn.cursor(row_factory=dict_row)
-            await cur.execute(self._sql["depth"], {"queue": self._queue_name(queue)})
+            await cur.execute(self._sql["depth"], {"queues": self._queue_names(queue)})
             row = await cur.fetchone()
         assert row is not None
         return {key: float(value or 0) for key, value in row.items()}
@@ -701,8 +816,19 @@ class Queue:
                 conn.remove_notice_handler(on_notice)
         return None if skipped else dead_rows
 
+    def _queue_names(self, queue: str | Sequence[str] | None) -> list[str]:
+        """One name, several, or (None) every queue of ``config.queue.name``; checked."""
+        if queue is None:
+            return list(self.config.queue.names)
+        if isinstance(queue, str):
+            return [self._queue_name(queue)]
+        names = [self._queue_name(n) for n in queue]
+        if not names:
+            raise ValueError("name at least one queue")
+        return names
+
     def _queue_name(self, queue: str | None) -> str:
-        name = self.config.queue.name if queue is None else queue
+        name = self.config.queue.primary if queue is None else queue
         if not isinstance(name, str) or not name.strip() or len(name) > 200:
             raise ValueError(f"queue name {name!r} must be a non-blank string of at most 200 chars")
         if any(ord(c) < 32 for c in name):
@@ -733,12 +859,16 @@ class Queue:
 
         Returns False when it was paused already. Listeners get a NOTIFY.
         """
-        params = {"queue": self._queue_name(queue), "by": by, "channel": self.channel}
+        params = {"queue": self._queue_name(queue), "by": by, "control": self.control_channel}
         return bool(await self._rows("pause", params))
 
     async def resume(self, queue: str | None = None) -> bool:
         """Let workers claim ``queue`` again and wake them; False when it was not paused."""
-        params = {"queue": self._queue_name(queue), "channel": self.channel}
+        params = {
+            "queue": self._queue_name(queue),
+            "channel": self.channel,
+            "control": self.control_channel,
+        }
         return bool(await self._rows("resume", params))
 
     async def paused(self) -> list[str]:
@@ -925,26 +1055,30 @@ def outcomes_json(outcomes: Sequence[Outcome]) -> str:
     return f"[{','.join(rows)}]"
 
 
-def _wakes(outcome: Outcome) -> bool:
-    """A queued job ready now: idle workers should hear of it."""
-    to = TRANSITIONS.get((JobStatus.RUNNING, outcome.event))
-    return to is JobStatus.QUEUED and not outcome.delay
+def _claim_order(job: Job) -> tuple[int, datetime, int]:
+    assert job.run_at is not None  # every claimed row has one
+    return (-job.priority, job.run_at, job.id)
 
 
 def _transitions() -> sql.Composable:
-    """The rows of ``jobs.TRANSITIONS`` a run may write (``RUN_EVENTS``) as a VALUES
-    list: (from, event, to, refund, deferral)."""
-    rows = [
-        sql.SQL("({}, {}, {}, {}, {})").format(
-            sql.Literal(source.value),
-            sql.Literal(event.value),
-            sql.Literal(target.value),
-            sql.Literal(int(event in REFUNDED)),
-            sql.Literal(int(event in DEFERRED)),
-        )
-        for (source, event), target in TRANSITIONS.items()
-        if event in RUN_EVENTS
-    ]
+    """The rows of ``jobs.TRANSITIONS`` a run may write (``RUN_EVENTS``), once without
+    and once with a standing cancel request, as a VALUES list: (from, event,
+    cancel_requested, to, refund, deferral); see ``jobs.effective_event``."""
+    rows = []
+    for event in sorted(RUN_EVENTS):
+        for requested in (False, True):
+            actual = effective_event(event, requested)
+            target = TRANSITIONS[(JobStatus.RUNNING, actual)]
+            rows.append(
+                sql.SQL("({}, {}, {}, {}, {}, {})").format(
+                    sql.Literal(JobStatus.RUNNING.value),
+                    sql.Literal(event.value),
+                    sql.Literal(requested),
+                    sql.Literal(target.value),
+                    sql.Literal(int(actual in REFUNDED)),
+                    sql.Literal(int(actual in DEFERRED)),
+                )
+            )
     return sql.SQL("(VALUES {})").format(sql.SQL(", ").join(rows))
 
 

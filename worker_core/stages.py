@@ -9,12 +9,12 @@ completed, so stages must be idempotent (the write helpers make that cheap).
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 from .errors import PayloadError
-from .jobs import Job, clean_text, dump_json
+from .jobs import Job, check_label, clean_text, dump_json
 from .logs import StructuredLogger
 from .metrics import ProcessingMetrics
 
@@ -24,7 +24,14 @@ if TYPE_CHECKING:
     from .breaker import CircuitBreaker
     from .ratelimit import RateLimiter
 
-__all__ = ["RunServices", "Stage", "StageContext", "state_json", "validate_stages"]
+__all__ = [
+    "RunServices",
+    "Stage",
+    "StageContext",
+    "state_json",
+    "validate_pipelines",
+    "validate_stages",
+]
 
 T = TypeVar("T")
 
@@ -185,3 +192,29 @@ def state_json(state: Any, stage: str | None, *, max_bytes: int | None = None) -
     if not state:
         return "{}"
     return dump_json(state, f"state after stage {stage!r}", max_bytes=max_bytes)
+
+
+#: Kinds one worker may know (each is one index scan per queue in its claim).
+MAX_KINDS = 100
+
+
+def validate_pipelines(pipelines: object) -> dict[str, list[Stage]]:
+    """Check ``pipelines()`` at start-up: a non-empty ``{kind: [stages]}``; raise
+    ``TypeError``/``ValueError`` naming the kind and the problem. Kinds may share
+    stage objects."""
+    if not isinstance(pipelines, Mapping):
+        raise TypeError(
+            f"pipelines() must return a dict of kind -> stages, not {type(pipelines).__name__}"
+        )
+    if not pipelines:
+        raise ValueError("pipelines() returned no kinds; a worker needs at least one")
+    if len(pipelines) > MAX_KINDS:
+        raise ValueError(f"pipelines() returned {len(pipelines)} kinds; at most {MAX_KINDS}")
+    checked: dict[str, list[Stage]] = {}
+    for kind, stages in pipelines.items():
+        check_label(kind, "a kind of pipelines()")
+        try:
+            checked[kind] = validate_stages(stages)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"pipelines()[{kind!r}]: {exc}") from None
+    return checked

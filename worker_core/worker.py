@@ -1,6 +1,7 @@
 """BaseWorker: the class users subclass, a façade over the private run components.
 
-A subclass gives ``stages()`` and may override the policies and hooks
+A subclass gives ``stages()`` (or ``pipelines()``, one stage list per job kind)
+and may override the policies and hooks
 (``classify``, ``retry_delay``, ``on_startup``, ``on_shutdown``, ``on_job_done``,
 ``on_dead_letter``, ``on_cancelled``); ``run()``, ``stop()``, ``health()``,
 ``snapshot()``, ``metrics``, ``worker_id`` and ``config`` are what callers use,
@@ -15,13 +16,12 @@ hands each run its stage list, hooks and services as plain callables.
 
 from __future__ import annotations
 
-import abc
 import asyncio
 import os
 import random
 import secrets
 import socket
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -49,8 +49,9 @@ if TYPE_CHECKING:
 __all__ = ["BaseWorker"]
 
 
-class BaseWorker(abc.ABC):
-    """Subclass it and return your stages from ``stages()``; ``await run()`` does the rest.
+class BaseWorker:
+    """Subclass it and return your stages from ``stages()`` (or one list per job kind
+    from ``pipelines()``); ``await run()`` does the rest.
 
     Args:
         config: the validated configuration.
@@ -62,12 +63,14 @@ class BaseWorker(abc.ABC):
     required_breakers: tuple[str, ...] = ()
 
     def __init__(self, config: WorkerConfig, *, pool: AsyncConnectionPool | None = None) -> None:
+        cls = type(self)
+        if cls.stages is BaseWorker.stages and cls.pipelines is BaseWorker.pipelines:
+            raise TypeError(f"{cls.__name__} must define stages() or pipelines()")
         self.config = config
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
-        self.metrics = ProcessingMetrics(queue=config.queue.name)
-        self.logger = StructuredLogger(
-            "worker_core.worker", worker_id=self.worker_id, queue=config.queue.name
-        )
+        queues = ",".join(config.queue.names)
+        self.metrics = ProcessingMetrics(queue=queues)
+        self.logger = StructuredLogger("worker_core.worker", worker_id=self.worker_id, queue=queues)
         self._given_pool = pool
         self._runtime: Runtime | None = None
         self._registry: BreakerRegistry | None = None
@@ -79,13 +82,22 @@ class BaseWorker(abc.ABC):
         self._console = WorkerConsole(config, self.worker_id, in_flight=self._in_flight)
 
     # -- what users implement ------------------------------------------------------
-    @abc.abstractmethod
     def stages(self) -> Sequence[Stage]:
-        """The stages every job of this worker runs through, in order.
+        """The stages every job of this worker runs through, in order, whatever its kind.
 
         Called once per ``run()``, after ``on_startup()`` (so it may use the clients
-        opened there).
+        opened there). A worker defines this or ``pipelines()``.
         """
+        raise NotImplementedError(f"{type(self).__name__} defines pipelines(), not stages()")
+
+    def pipelines(self) -> Mapping[str, Sequence[Stage]] | None:
+        """``{kind: [stages]}``: the worker claims only jobs of these kinds, each run
+        through its own stage list (kinds may share stage objects).
+
+        Called once per ``run()``, after ``on_startup()``. The default, None, runs
+        ``stages()`` for jobs of every kind.
+        """
+        return None
 
     def classify(self, exc: BaseException) -> ErrorKind:
         """Transient, permanent or retryable; see ``worker_core.retry.classify``."""
@@ -125,7 +137,8 @@ class BaseWorker(abc.ABC):
         """Called after a job went to the dead-letter queue."""
 
     async def on_cancelled(self, job: Job) -> None:
-        """Called after a running job was cancelled and its cancellation was written."""
+        """Called after a running job was cancelled (``Queue.cancel``): its run was
+        stopped and the cancellation written. ``on_job_done`` is not called for it."""
 
     # -- services for the subclass and its stages --------------------------------------
     @asynccontextmanager
@@ -216,6 +229,7 @@ class BaseWorker(abc.ABC):
             logger=self.logger,
             hooks=hooks,
             stages=self.stages,
+            pipelines=self.pipelines,
             on_startup=self.on_startup,
             on_shutdown=self.on_shutdown,
             breakers=self._breakers(),

@@ -82,7 +82,9 @@ class BadWorker(BaseWorker):
 
 async def make_dead(queue: Queue, config: WorkerConfig) -> int:
     job_id = await queue.enqueue({"x": 1})
-    await BadWorker(config).run(until_empty=True, install_signal_handlers=False)
+    # A worker without alert rules: the evaluators under test are the first to see it.
+    quiet = config.model_copy(update={"alerts": type(config.alerts)()})
+    await BadWorker(quiet).run(until_empty=True, install_signal_handlers=False)
     return job_id
 
 

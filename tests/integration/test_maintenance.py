@@ -174,12 +174,15 @@ async def test_heartbeat_and_finish_find_rows_by_primary_key_with_a_large_backlo
             {
                 "outcomes": outcomes_json([succeed(j, stage=None, state=None) for j in jobs]),
                 "keep_errors": 16,
+                "channel": queue.channel,
+                "done_channel": queue.done_channel,
             },
         )
         finish = "\n".join(r[0] for r in await cur.fetchall())
     for plan in (heartbeat, finish):
         assert "jobs_pkey" in plan, plan
         assert "jobs_lease_idx" not in plan and "Seq Scan on jobs" not in plan, plan
+        assert "jobs_running_idx" not in plan, plan
     assert await queue.heartbeat(leases, lease_seconds=30) == {t for _, t in leases}
 
 
@@ -188,7 +191,10 @@ async def _explain(queue: Queue) -> list[str]:
     async with queue.connection() as conn:
         cur = await conn.execute(
             b"EXPLAIN " + queue._sql["claim"],
-            {"queue": "test", "limit": 10, "owner": "w", "lease": 30.0},
+            {
+                "queues": ["test"], "rooms": [10], "caps": [None], "limit": 10,
+                "owner": "w", "lease": 30.0,
+            },  # fmt: skip
         )
         return [r[0] for r in await cur.fetchall()]
 

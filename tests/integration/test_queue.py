@@ -204,17 +204,21 @@ async def test_stats_counts_every_status(queue: Queue) -> None:
     assert (await queue.stats())["queued"] == 2
 
 
-async def test_cancel_only_queued(queue: Queue) -> None:
+async def test_cancel_queued_at_once_and_running_by_request(queue: Queue) -> None:
     a = await queue.enqueue({"a": 1})
     b = await queue.enqueue({"b": 1})
     await queue.claim("w", 1, lease_seconds=30)  # a is now running
-    assert not await queue.cancel(a)
+    assert await queue.cancel(a)  # a cancel request: its worker stops the run
+    running = await queue.get(a)
+    assert running is not None and running.status is JobStatus.RUNNING
+    assert running.cancel_requested_at is not None
+    assert await queue.cancel(a)  # asked again: still pending, still True
     assert await queue.cancel(b)
     assert not await queue.cancel(b)
     assert not await queue.cancel(987654)
     job = await queue.get(b)
     assert job is not None
-    assert job.status is JobStatus.CANCELLED
+    assert job.status is JobStatus.CANCELLED and job.cancel_requested_at is None
 
 
 async def test_requeue_only_dead_jobs(queue: Queue) -> None:

@@ -3,12 +3,14 @@
 Claims (some with leases that expire at once), checkpoints, successes, each error
 kind, releases, cancellations of running jobs, stale writes and heartbeats from
 old runs (of another worker, or of the same worker after it claimed the job
-again), lease rescue, requeue, cancel and discard run in random orders. Every outcome is
-built by the worker's own constructors (``worker_core.outcomes``: ``succeed``,
+again), lease rescue, requeue, cancel (of queued jobs, and cancel requests on
+running ones, which turn any outcome that would queue the job again into a
+cancel) and discard run in random orders. Every outcome is built by the
+worker's own constructors (``worker_core.outcomes``: ``succeed``,
 ``after_failure`` over ``error_record``, ``release``, ``cancel``, ``checkpoint``),
-the ones its executor uses. A simple model applies ``TRANSITIONS``; after every
-step the database must equal the model: no illegal transition, no lost job, and
-no write or renewal by a stale run.
+the ones its executor uses. A simple model applies ``TRANSITIONS`` (through
+``effective_event``); after every step the database must equal the model: no
+illegal transition, no lost job, and no write or renewal by a stale run.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from psycopg import sql
 
 from worker_core import Job, JobStatus, Queue, WorkerConfig
 from worker_core.errors import RetryableError
-from worker_core.jobs import TRANSITIONS, Transition
+from worker_core.jobs import DEFERRED, REFUNDED, TRANSITIONS, Transition, effective_event
 from worker_core.outcomes import (
     Outcome,
     after_failure,
@@ -61,6 +63,8 @@ class Model:
     run: Job | None = None
     #: Every claim that ever held this job, for stale writes.
     claims: list[Job] = field(default_factory=list)
+    #: An operator asked to cancel the running job (Queue.cancel).
+    cancel_requested: bool = False
 
 
 def stale_outcome(job: Job, kind: str) -> Outcome:
@@ -134,20 +138,32 @@ class JobLifeCycle(RuleBasedStateMachine):
     def ended(self, model: Model, event: Transition) -> None:
         self.move(model, event)
         model.owner = model.run = None
+        model.cancel_requested = False
+
+    def finished(self, model: Model, outcome: Outcome) -> None:
+        """Write a run's outcome; the model moves by the event it is written as."""
+        self._write(model, outcome)
+        event = effective_event(outcome.event, model.cancel_requested)
+        if event is Transition.CHECKPOINT:
+            self.move(model, event)
+            return
+        self.ended(model, event)
+        if event in REFUNDED:
+            model.attempt -= 1
+        if event in DEFERRED:
+            model.deferrals += 1
 
     @precondition(lambda self: self.running(live=True))
     @rule(data=st.data())
     def checkpoint(self, data: st.DataObject) -> None:
         model, run = self.live(data)
-        self._write(model, checkpoint(run, stage="c", state='{"cursor": 1}'))
-        self.move(model, Transition.CHECKPOINT)
+        self.finished(model, checkpoint(run, stage="c", state='{"cursor": 1}'))
 
     @precondition(lambda self: self.running(live=True))
     @rule(data=st.data())
     def succeed(self, data: st.DataObject) -> None:
         model, run = self.live(data)
-        self._write(model, succeed(run, stage="s", state="{}"))
-        self.ended(model, Transition.SUCCEED)
+        self.finished(model, succeed(run, stage="s", state="{}"))
 
     @precondition(lambda self: self.running(live=True))
     @rule(data=st.data(), kind=st.sampled_from(list(ErrorKind)))
@@ -168,26 +184,19 @@ class JobLifeCycle(RuleBasedStateMachine):
             record=record,
         )
         assert outcome.event is plan.transition
-        self._write(model, outcome)
-        self.ended(model, plan.transition)
-        if plan.transition is Transition.DEFER:
-            model.attempt -= 1
-            model.deferrals += 1
+        self.finished(model, outcome)
 
     @precondition(lambda self: self.running(live=True))
     @rule(data=st.data())
     def release(self, data: st.DataObject) -> None:
         model, run = self.live(data)
-        self._write(model, release(run, stage=None, state=None))
-        self.ended(model, Transition.RELEASE)
-        model.attempt -= 1
+        self.finished(model, release(run, stage=None, state=None))
 
     @precondition(lambda self: self.running(live=True))
     @rule(data=st.data())
     def cancel_running(self, data: st.DataObject) -> None:
         model, run = self.live(data)
-        self._write(model, cancel(run, stage=None, state=None))
-        self.ended(model, Transition.CANCEL)
+        self.finished(model, cancel(run, stage=None, state=None))  # unrequested: a release
 
     @precondition(lambda self: self.running(live=True))
     @rule(data=st.data())
@@ -255,8 +264,8 @@ class JobLifeCycle(RuleBasedStateMachine):
         ]
         leases = [(m.run.id, m.run.lease_token or "") for m in mine if m.run is not None]
         stale = [(i, c.lease_token or "") for i in self.jobs for c in self.stale_claims(i)]
-        held = self.run(self.queue.heartbeat(leases + stale[:3], lease_seconds=600))
-        assert held == {token for _, token in leases}
+        held = self.run(self.queue.renew_leases(leases + stale[:3], lease_seconds=600))
+        assert held == {m.run.lease_token: m.cancel_requested for m in mine if m.run is not None}
         for model in mine:
             model.expired = False
 
@@ -267,7 +276,10 @@ class JobLifeCycle(RuleBasedStateMachine):
         for job_id in self.running(live=False):
             model = self.jobs[job_id]
             exhausted = model.attempt >= model.max_attempts
-            self.ended(model, Transition.RESCUE_DEAD if exhausted else Transition.RESCUE)
+            if model.cancel_requested:
+                self.ended(model, Transition.RESCUE_CANCEL)
+            else:
+                self.ended(model, Transition.RESCUE_DEAD if exhausted else Transition.RESCUE)
             expected[job_id] = model.status
         assert rescued == expected
 
@@ -289,9 +301,11 @@ class JobLifeCycle(RuleBasedStateMachine):
         job_id = data.draw(st.sampled_from(sorted(self.jobs)))
         model = self.jobs[job_id]
         cancelled = self.run(self.queue.cancel(job_id))
-        assert cancelled == (model.status is JobStatus.QUEUED)
-        if cancelled:
+        assert cancelled == (model.status in (JobStatus.QUEUED, JobStatus.RUNNING))
+        if model.status is JobStatus.QUEUED:
             self.move(model, Transition.CANCEL)
+        elif model.status is JobStatus.RUNNING:
+            model.cancel_requested = True  # its run's next outcome decides
 
     @precondition(lambda self: self.jobs)
     @rule(data=st.data())
@@ -314,7 +328,7 @@ class JobLifeCycle(RuleBasedStateMachine):
         rows = self.run(self._rows())
         assert set(rows) == set(self.jobs), "a job was lost or appeared"
         for job_id, model in self.jobs.items():
-            status, attempt, deferrals, owner, token = rows[job_id]
+            status, attempt, deferrals, owner, token, requested = rows[job_id]
             assert (JobStatus(status), attempt, deferrals) == (
                 model.status,
                 model.attempt,
@@ -323,16 +337,17 @@ class JobLifeCycle(RuleBasedStateMachine):
             running = model.status is JobStatus.RUNNING
             assert owner == (model.owner if running else None)
             assert token == (model.run.lease_token if running and model.run else None)
+            assert requested == model.cancel_requested, f"job {job_id}: cancel request"
 
-    async def _rows(self) -> dict[int, tuple[str, int, int, str | None, str | None]]:
+    async def _rows(self) -> dict[int, tuple[str, int, int, str | None, str | None, bool]]:
         async with self.queue.connection() as conn:
             cur = await conn.execute(
                 sql.SQL(
-                    "SELECT id, status, attempt, deferrals, lease_owner, lease_token::text "
-                    "FROM {}.jobs"
+                    "SELECT id, status, attempt, deferrals, lease_owner, lease_token::text, "
+                    "cancel_requested_at IS NOT NULL FROM {}.jobs"
                 ).format(sql.Identifier(self.queue.schema))
             )
-            return {r[0]: (r[1], r[2], r[3], r[4], r[5]) for r in await cur.fetchall()}
+            return {r[0]: (r[1], r[2], r[3], r[4], r[5], r[6]) for r in await cur.fetchall()}
 
 
 @pytest.mark.timeout(300)

@@ -229,7 +229,7 @@ def test_base_worker_is_a_small_facade() -> None:
     public = {name for name in dir(Minimal(WorkerConfig())) if not name.startswith("_")}
     assert public == {
         # what users implement or override
-        "stages", "classify", "retry_delay", "on_startup", "on_shutdown", "on_job_done",
+        "stages", "pipelines", "classify", "retry_delay", "on_startup", "on_shutdown", "on_job_done",
         "on_dead_letter", "on_cancelled", "required_breakers", "schedules",
         # what callers use
         "run", "stop", "health", "snapshot", "metrics", "worker_id", "config", "logger",

@@ -4,20 +4,25 @@
 -- (the literal 'default' until the jobs table has a kind column).
 
 -- name: pause
--- Pausing wakes nobody up, but the NOTIFY lets listeners see the change at once.
+-- The NOTIFY on the control channel tells every worker at once: they stop
+-- starting the queue's jobs they hold in their prefetch buffer (claims already
+-- skip a paused queue).
 WITH p AS (
     INSERT INTO {schema}.paused_queues (queue, paused_by) VALUES (%(queue)s, %(by)s)
     ON CONFLICT (queue) DO NOTHING
     RETURNING queue
 )
-SELECT pg_notify(%(channel)s, queue) FROM p
+SELECT pg_notify(%(control)s, json_build_object('op', 'pause', 'queue', queue)::text) FROM p
 
 -- name: resume
--- Resuming wakes the queue's idle workers (the NOTIFY of an enqueue).
+-- Resuming tells every worker (control channel) and wakes the queue's idle
+-- workers (the NOTIFY of an enqueue).
 WITH r AS (
     DELETE FROM {schema}.paused_queues WHERE queue = %(queue)s RETURNING queue
 )
-SELECT pg_notify(%(channel)s, queue) FROM r
+SELECT pg_notify(%(control)s, json_build_object('op', 'resume', 'queue', queue)::text),
+       pg_notify(%(channel)s, queue)
+FROM r
 
 -- name: paused
 SELECT queue FROM {schema}.paused_queues ORDER BY queue

@@ -86,23 +86,104 @@ WITH moved AS (
 SELECT moved.id FROM moved CROSS JOIN (SELECT count(*) FROM wake) AS w
 
 -- name: cancel
-UPDATE {schema}.jobs
-SET status = 'cancelled', finished_at = now(), updated_at = now()
-WHERE id = %(id)s AND status = 'queued'
-RETURNING id
+-- A queued job is cancelled at once; a running one gets a cancel request that its
+-- worker acts on (a NOTIFY on the control channel tells it now; its next heartbeat
+-- would otherwise). One UPDATE decides on the row's latest version, so a job
+-- claimed meanwhile is treated as running. Waiters hear of a job cancelled here.
+WITH c AS (
+    UPDATE {schema}.jobs
+    SET status = CASE WHEN status = 'queued' THEN 'cancelled' ELSE status END,
+        finished_at = CASE WHEN status = 'queued' THEN now() ELSE finished_at END,
+        cancel_requested_at = CASE WHEN status = 'running'
+                                   THEN coalesce(cancel_requested_at, now()) END,
+        updated_at = now()
+    WHERE id = %(id)s AND status IN ('queued', 'running')
+    RETURNING id, status, waited
+), told AS (
+    SELECT pg_notify(%(control)s, json_build_object('op', 'cancel', 'id', id)::text)
+    FROM c WHERE status = 'running'
+    UNION ALL
+    SELECT pg_notify(%(done)s, id::text) FROM c WHERE status = 'cancelled' AND waited
+)
+SELECT c.status FROM c CROSS JOIN (SELECT count(*) FROM told) AS w
 
 -- name: claim
--- Claims up to %(limit)s ready jobs in one autocommit statement. MATERIALIZED
--- fences the LIMIT from the planner (so it cannot lock more rows than asked);
+-- Claims up to %(limit)s ready jobs of any kind from the queues %(queues)s in one
+-- autocommit statement, best first (priority, then run_at) across the queues.
+-- Each queue is one index scan of jobs_claim_idx in claim order (a LATERAL with
+-- its own LIMIT), so several queues cost no sort of the backlog. MATERIALIZED
+-- fences the LIMITs from the planner (so it cannot lock more rows than asked);
 -- NO KEY UPDATE does not conflict with foreign-key KEY SHARE locks.
-WITH picked AS MATERIALIZED (
-    SELECT id FROM {schema}.jobs
-    WHERE queue = %(queue)s AND status = 'queued' AND run_at <= now()
-      -- console: a paused queue is not claimed (a one-time check of its primary key)
-      AND NOT EXISTS (SELECT 1 FROM {schema}.paused_queues AS p WHERE p.queue = %(queue)s)
-    ORDER BY priority DESC, run_at, id
+WITH wanted AS MATERIALIZED (
+    -- Per queue: how many it may give (the worker's free slots for it, capped by
+    -- queue.max_running's room). A paused queue gives none. Queues come sorted by
+    -- name, so running_room takes its locks in the same order in every claim.
+    SELECT w.queue,
+           CASE WHEN w.cap IS NULL THEN w.n
+                ELSE least(w.n, {schema}.running_room(w.queue, w.cap)) END AS n
+    FROM unnest(%(queues)s::text[], %(rooms)s::int[], %(caps)s::int[])
+         WITH ORDINALITY AS w(queue, n, cap, ord)
+    WHERE NOT EXISTS (SELECT 1 FROM {schema}.paused_queues AS p WHERE p.queue = w.queue)
+    ORDER BY w.ord
+), picked AS MATERIALIZED (
+    SELECT c.id
+    FROM wanted AS w
+    CROSS JOIN LATERAL (
+        SELECT q.id, q.priority, q.run_at FROM {schema}.jobs AS q
+        WHERE q.queue = w.queue AND q.status = 'queued' AND q.run_at <= now()
+        ORDER BY q.priority DESC, q.run_at, q.id
+        LIMIT w.n
+        FOR NO KEY UPDATE SKIP LOCKED
+    ) AS c
+    ORDER BY c.priority DESC, c.run_at, c.id
     LIMIT %(limit)s
-    FOR NO KEY UPDATE SKIP LOCKED
+)
+UPDATE {schema}.jobs AS j
+SET status = 'running', attempt = j.attempt + 1, lease_owner = %(owner)s,
+    lease_token = gen_random_uuid(),
+    lease_expires_at = now() + %(lease)s::float8 * interval '1 second', updated_at = now()
+FROM picked
+WHERE j.id = picked.id
+-- The columns come back in the field order of worker_core.jobs.Job.
+RETURNING j.id, j.queue, j.payload, j.status, j.stage, j.state, j.attempt, j.max_attempts,
+          j.deferrals, j.priority, j.run_at, j.correlation_id, j.last_error, j.errors,
+          j.created_at, j.updated_at, j.finished_at, j.dedupe_key, j.lease_owner,
+          j.lease_expires_at, j.lease_token::text, j.errors_dropped, j.kind
+
+-- name: claim_kinds
+-- The claim of a worker that knows only the kinds %(kinds)s (it defines
+-- pipelines()): one index scan of jobs_claim_kind_idx per (queue, kind) in claim
+-- order, merged best first; row_number keeps each queue within its share.
+WITH wanted AS MATERIALIZED (
+    -- Per queue: how many it may give (the worker's free slots for it, capped by
+    -- queue.max_running's room). A paused queue gives none. Queues come sorted by
+    -- name, so running_room takes its locks in the same order in every claim.
+    SELECT w.queue,
+           CASE WHEN w.cap IS NULL THEN w.n
+                ELSE least(w.n, {schema}.running_room(w.queue, w.cap)) END AS n
+    FROM unnest(%(queues)s::text[], %(rooms)s::int[], %(caps)s::int[])
+         WITH ORDINALITY AS w(queue, n, cap, ord)
+    WHERE NOT EXISTS (SELECT 1 FROM {schema}.paused_queues AS p WHERE p.queue = w.queue)
+    ORDER BY w.ord
+), picked AS MATERIALIZED (
+    SELECT r.id FROM (
+        SELECT c.id, c.priority, c.run_at, w.n,
+               row_number() OVER (PARTITION BY w.queue
+                                  ORDER BY c.priority DESC, c.run_at, c.id) AS nth
+        FROM wanted AS w
+        CROSS JOIN unnest(%(kinds)s::text[]) AS k(kind)
+        CROSS JOIN LATERAL (
+            SELECT q.id, q.priority, q.run_at FROM {schema}.jobs AS q
+            WHERE q.queue = w.queue AND q.kind = k.kind AND q.status = 'queued'
+              AND q.run_at <= now()
+            ORDER BY q.priority DESC, q.run_at, q.id
+            LIMIT w.n
+            FOR NO KEY UPDATE SKIP LOCKED
+        ) AS c
+    ) AS r
+    WHERE r.nth <= r.n
+    ORDER BY r.priority DESC, r.run_at, r.id
+    LIMIT %(limit)s
 )
 UPDATE {schema}.jobs AS j
 SET status = 'running', attempt = j.attempt + 1, lease_owner = %(owner)s,
@@ -120,54 +201,71 @@ RETURNING j.id, j.queue, j.payload, j.status, j.stage, j.state, j.attempt, j.max
 -- One statement renews every lease a worker holds: (id, token) pairs, so a stale
 -- run and a newer claim of the same job are told apart. A token missing from the
 -- result is a lease this worker lost. Rows are found by primary key (a nested
--- loop over the pairs), never through the lease index and its dead entries.
+-- loop over the pairs), never through the lease index and its dead entries. The
+-- second column says an operator asked to cancel the job: the polling fallback
+-- for a worker that missed the NOTIFY.
 UPDATE {schema}.jobs AS j
 SET lease_expires_at = now() + %(lease)s::float8 * interval '1 second'
 FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[]) AS h(id, token)
 WHERE j.id = h.id AND j.status = 'running' AND j.lease_token = h.token
-RETURNING j.lease_token::text
+RETURNING j.lease_token::text, j.cancel_requested_at IS NOT NULL
 
 -- name: finish
 -- Writes a batch of outcomes (checkpoint, succeed, retry, defer, bury, release,
 -- cancel) in one statement, each fenced by its run's lease token. The batch is one
 -- JSON array of objects read by field name and type. An outcome names an event,
 -- not a status: the new status, and whether the attempt is refunded or a deferral
--- counted, come from {transitions}, the table rendered from worker_core.jobs, so
--- a status change it does not allow is not written. Delays are computed on the
--- database clock, so worker clock skew cannot move run_at. Error histories keep
--- the first and the latest %(keep_errors)s records (append_error).
+-- counted, come from {transitions}, the table rendered from worker_core.jobs (by
+-- event and by whether a cancel of the job is requested: then an outcome that
+-- would queue the job again cancels it), so a status change it does not allow is
+-- not written. Delays are computed on the database clock, so worker clock skew
+-- cannot move run_at. Error histories keep the first and the latest
+-- %(keep_errors)s records (append_error). The same statement wakes idle workers
+-- of each queue that has a job ready again, and tells waiters (Queue.wait) of
+-- each waited-for job that finished.
 WITH o AS (
     SELECT * FROM jsonb_to_recordset(%(outcomes)s::jsonb) AS o(
         id bigint, token uuid, event text, stage text, state jsonb, delay float8, error jsonb)
+), done AS (
+    UPDATE {schema}.jobs AS j
+    SET status = t.to_status,
+        stage = o.stage,
+        state = coalesce(o.state, j.state),
+        attempt = j.attempt - t.refund,
+        deferrals = j.deferrals + t.deferral,
+        run_at = CASE WHEN o.delay IS NULL THEN j.run_at
+                      ELSE now() + o.delay * interval '1 second' END,
+        lease_owner = CASE WHEN t.to_status = 'running' THEN j.lease_owner END,
+        lease_token = CASE WHEN t.to_status = 'running' THEN j.lease_token END,
+        lease_expires_at = CASE WHEN t.to_status = 'running' THEN j.lease_expires_at END,
+        cancel_requested_at = CASE WHEN t.to_status = 'running' THEN j.cancel_requested_at END,
+        last_error = coalesce(o.error, j.last_error),
+        errors = {schema}.append_error(j.errors, o.error, %(keep_errors)s),
+        errors_dropped = j.errors_dropped + CASE WHEN o.error IS NULL THEN 0
+            ELSE greatest(jsonb_array_length(j.errors) + 1 - %(keep_errors)s, 0) END,
+        finished_at = CASE WHEN t.to_status IN ('succeeded', 'dead', 'cancelled') THEN now() END,
+        updated_at = now()
+    FROM o, {transitions} AS t(from_status, event, cancel_requested, to_status, refund, deferral)
+    WHERE j.id = o.id AND j.status = 'running' AND j.lease_token = o.token
+      AND t.from_status = j.status AND t.event = o.event
+      AND t.cancel_requested = (j.cancel_requested_at IS NOT NULL)
+    RETURNING o.token::text AS token, j.id, j.queue, j.status, j.run_at, j.waited
+), told AS (
+    SELECT pg_notify(%(channel)s, q.queue)
+    FROM (SELECT DISTINCT queue FROM done WHERE status = 'queued' AND run_at <= now()) AS q
+    UNION ALL
+    SELECT pg_notify(%(done_channel)s, id::text)
+    FROM done WHERE waited AND status IN ('succeeded', 'dead', 'cancelled')
 )
-UPDATE {schema}.jobs AS j
-SET status = t.to_status,
-    stage = o.stage,
-    state = coalesce(o.state, j.state),
-    attempt = j.attempt - t.refund,
-    deferrals = j.deferrals + t.deferral,
-    run_at = CASE WHEN o.delay IS NULL THEN j.run_at
-                  ELSE now() + o.delay * interval '1 second' END,
-    lease_owner = CASE WHEN t.to_status = 'running' THEN j.lease_owner END,
-    lease_token = CASE WHEN t.to_status = 'running' THEN j.lease_token END,
-    lease_expires_at = CASE WHEN t.to_status = 'running' THEN j.lease_expires_at END,
-    last_error = coalesce(o.error, j.last_error),
-    errors = {schema}.append_error(j.errors, o.error, %(keep_errors)s),
-    errors_dropped = j.errors_dropped + CASE WHEN o.error IS NULL THEN 0
-        ELSE greatest(jsonb_array_length(j.errors) + 1 - %(keep_errors)s, 0) END,
-    finished_at = CASE WHEN t.to_status IN ('succeeded', 'dead', 'cancelled') THEN now() END,
-    updated_at = now()
-FROM o JOIN {transitions} AS t(from_status, event, to_status, refund, deferral)
-    ON t.event = o.event
-WHERE j.id = o.id AND j.status = 'running' AND j.lease_token = o.token
-  AND t.from_status = j.status
-RETURNING o.token::text
+SELECT done.token FROM done CROSS JOIN (SELECT count(*) FROM told) AS w
 
 -- name: rescue
 -- Any worker returns jobs whose lease expired (their worker died or hung) to
--- queued, or to dead when their attempts are spent. The status guard lives in
--- the statement itself, so a job completed meanwhile is never touched. Clearing
--- the token fences off the run that held the lease, should it wake up.
+-- queued, or to dead when their attempts are spent, or to cancelled when an
+-- operator asked to cancel them. The status guard lives in the statement itself,
+-- so a job completed meanwhile is never touched; the row is locked, so the cancel
+-- request read is the latest. Clearing the token fences off the run that held
+-- the lease, should it wake up. Waiters hear of jobs that end here.
 WITH expired AS MATERIALIZED (
     SELECT id, jsonb_build_object(
                'type', 'LeaseExpired',
@@ -180,26 +278,41 @@ WITH expired AS MATERIALIZED (
     ORDER BY lease_expires_at
     LIMIT %(limit)s
     FOR NO KEY UPDATE SKIP LOCKED
+), moved AS (
+    UPDATE {schema}.jobs AS j
+    SET status = CASE WHEN j.cancel_requested_at IS NOT NULL THEN 'cancelled'
+                      WHEN e.exhausted THEN 'dead' ELSE 'queued' END,
+        lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL,
+        cancel_requested_at = NULL, run_at = now(),
+        last_error = e.err, errors = {schema}.append_error(j.errors, e.err, %(keep_errors)s),
+        errors_dropped = j.errors_dropped
+            + greatest(jsonb_array_length(j.errors) + 1 - %(keep_errors)s, 0),
+        finished_at = CASE WHEN j.cancel_requested_at IS NOT NULL OR e.exhausted THEN now() END,
+        updated_at = now()
+    FROM expired AS e
+    WHERE j.id = e.id AND j.status = 'running'
+    RETURNING j.id, j.queue, j.status, j.waited
+), told AS (
+    SELECT pg_notify(%(done_channel)s, id::text) FROM moved WHERE waited AND status <> 'queued'
 )
-UPDATE {schema}.jobs AS j
-SET status = CASE WHEN e.exhausted THEN 'dead' ELSE 'queued' END,
-    lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, run_at = now(),
-    last_error = e.err, errors = {schema}.append_error(j.errors, e.err, %(keep_errors)s),
-    errors_dropped = j.errors_dropped
-        + greatest(jsonb_array_length(j.errors) + 1 - %(keep_errors)s, 0),
-    finished_at = CASE WHEN e.exhausted THEN now() END, updated_at = now()
-FROM expired AS e
-WHERE j.id = e.id AND j.status = 'running'
-RETURNING j.id, j.queue, j.status
+SELECT moved.id, moved.queue, moved.status FROM moved CROSS JOIN (SELECT count(*) FROM told) AS w
 
 -- name: notify
 SELECT pg_notify(%(channel)s, %(queue)s)
 
 -- name: next_run_at
--- When the next queued job of a queue becomes ready (for the idle wait).
-SELECT min(run_at) AS run_at FROM {schema}.jobs WHERE queue = %(queue)s AND status = 'queued'
-  -- console: a paused queue has nothing coming (so run(until_empty=True) returns)
-  AND NOT EXISTS (SELECT 1 FROM {schema}.paused_queues AS p WHERE p.queue = %(queue)s)
+-- When the next queued job this worker could claim becomes ready (for the idle
+-- wait of run(until_empty=True)): its queues, its kinds (NULL: any), none paused.
+SELECT min(run_at) AS run_at FROM {schema}.jobs AS j
+WHERE j.queue = ANY(%(queues)s::text[]) AND j.status = 'queued'
+  AND (%(kinds)s::text[] IS NULL OR j.kind = ANY(%(kinds)s::text[]))
+  AND NOT EXISTS (SELECT 1 FROM {schema}.paused_queues AS p WHERE p.queue = j.queue)
+
+-- name: wait_for
+-- Queue.wait: mark a job as waited for (the statement that finishes it will send
+-- a NOTIFY). Only an unfinished job that is not marked yet is written.
+UPDATE {schema}.jobs SET waited = true
+WHERE id = %(id)s AND status IN ('queued', 'running') AND NOT waited
 
 -- name: prune
 -- Retention: deletes finished jobs older than the cutoffs, a bounded batch at a
@@ -223,14 +336,15 @@ DELETE FROM {schema}.jobs AS j USING doomed WHERE j.id = doomed.id
 
 -- name: depth
 -- Queue depth for metrics and health: ready and scheduled jobs, running jobs,
--- and how long the oldest ready job has waited (the number to alert on).
+-- and how long the oldest ready job has waited (the number to alert on), over
+-- the queues of a worker.
 SELECT count(*) FILTER (WHERE status = 'queued' AND run_at <= now()) AS ready,
        count(*) FILTER (WHERE status = 'queued' AND run_at > now()) AS scheduled,
        count(*) FILTER (WHERE status = 'running') AS running,
        coalesce(extract(epoch FROM now() - min(run_at)
                 FILTER (WHERE status = 'queued' AND run_at <= now())), 0)::float8 AS oldest_ready_age
 FROM {schema}.jobs
-WHERE queue = %(queue)s AND status IN ('queued', 'running')
+WHERE queue = ANY(%(queues)s::text[]) AND status IN ('queued', 'running')
 
 -- name: table_health
 -- Hygiene of the jobs table: dead tuples, and what holds back vacuum (the
