@@ -311,7 +311,12 @@ class Dispatcher:
         if run_at is None:
             return None
         wait = (run_at - datetime.now(UTC)).total_seconds()
-        return max(wait, 0.001) if wait <= self._config.queue.poll_interval else None
+        poll = self._config.queue.poll_interval
+        if wait <= 0 and any(self._config.queue.cap(n) is not None for n in self._names):
+            # Ready, yet the claim came back short: max_running holds it until another
+            # worker's job of the queue ends. Look again soon, not in a busy loop.
+            wait = min(poll, 0.1)
+        return max(wait, 0.001) if wait <= poll else None
 
     async def _wait(self, timeout: float) -> None:
         """Sleep until woken (NOTIFY, a freed slot, stop) or ``timeout`` passes."""

@@ -223,6 +223,7 @@ def test_queue_names_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setenv("WORKER_CORE_QUEUE__MAX_RUNNING", '{"images": 2}')
     settings = WorkerConfig().queue
     assert settings.names == ("docs", "images") and settings.cap("images") == 2
+    monkeypatch.delenv("WORKER_CORE_QUEUE__MAX_RUNNING")
     monkeypatch.setenv("WORKER_CORE_QUEUE__NAME", "1")  # one name, never parsed as a number
     assert WorkerConfig().queue.names == ("1",)
 

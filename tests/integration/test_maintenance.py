@@ -192,8 +192,12 @@ async def _explain(queue: Queue) -> list[str]:
         cur = await conn.execute(
             b"EXPLAIN " + queue._sql["claim"],
             {
-                "queues": ["test"], "rooms": [10], "caps": [None], "limit": 10,
-                "owner": "w", "lease": 30.0,
+                "queues": ["test"],
+                "rooms": [10],
+                "caps": [None],
+                "limit": 10,
+                "owner": "w",
+                "lease": 30.0,
             },  # fmt: skip
         )
         return [r[0] for r in await cur.fetchall()]
