@@ -196,10 +196,14 @@ async def test_per_queue_concurrency_bounds_one_queue_not_the_others(
 def test_queue_settings_for_several_queues() -> None:
     from pydantic import ValidationError
 
-    settings = WorkerConfig(queue={"name": ["a", "b"], "max_running": {"b": 3}}).queue
+    def config(**queue: Any) -> WorkerConfig:
+        return WorkerConfig(queue=queue)  # type: ignore[arg-type]  # a dict, validated
+
+    settings = config(name=["a", "b"], max_running={"b": 3}).queue
     assert settings.names == ("a", "b") and settings.primary == "a"
     assert (settings.cap("a"), settings.cap("b")) == (None, 3)
-    assert WorkerConfig(queue={"max_running": 2}).queue.cap("default") == 2
+    assert config(max_running=2).queue.cap("default") == 2
+    bad: dict[str, Any]
     for bad in (
         {"name": []},
         {"name": ["a", "a"]},
@@ -215,7 +219,7 @@ def test_queue_settings_for_several_queues() -> None:
         {"max_running": 10**7},
     ):
         with pytest.raises(ValidationError):
-            WorkerConfig(queue=bad)
+            config(**bad)
 
 
 def test_queue_names_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

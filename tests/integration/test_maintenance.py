@@ -198,7 +198,7 @@ async def _explain(queue: Queue) -> list[str]:
                 "limit": 10,
                 "owner": "w",
                 "lease": 30.0,
-            },  # fmt: skip
+            },
         )
         return [r[0] for r in await cur.fetchall()]
 

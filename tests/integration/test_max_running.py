@@ -19,6 +19,12 @@ from worker_core.outcomes import succeed
 PROC = Path(__file__).with_name("jobmodel_proc.py")
 
 
+def _spawn(env: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, str(PROC), "capped"], stdout=subprocess.PIPE, text=True, env=env
+    )
+
+
 async def _running(queue: Queue, name: str) -> int:
     async with queue.connection() as conn:
         cur = await conn.execute(
@@ -89,12 +95,7 @@ async def test_three_processes_stay_within_the_cap(
         ids = await queue.enqueue_many([{"i": i} for i in range(jobs)])
         env = {**os.environ, "WC_DSN": pg_dsn, "WC_SCHEMA": schema,
                "WC_MAX_RUNNING": str(cap), "WC_CONCURRENCY": "4"}  # fmt: skip
-        procs = [
-            subprocess.Popen(
-                [sys.executable, str(PROC), "capped"], stdout=subprocess.PIPE, text=True, env=env
-            )
-            for _ in range(3)
-        ]
+        procs = [_spawn(env) for _ in range(3)]
         try:
             outs = await asyncio.gather(
                 *(asyncio.to_thread(p.communicate, timeout=90) for p in procs)
