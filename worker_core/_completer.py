@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 import psycopg
 
+from .jobs import TRANSITIONS, JobStatus
 from .logs import StructuredLogger
 from .metrics import ProcessingMetrics
 from .outcomes import Outcome, bury_unstorable
@@ -73,8 +74,9 @@ class Completer:
 
     def submit(self, outcome: Outcome, *, wait: bool = False) -> asyncio.Future[bool] | None:
         """Queue ``outcome`` for the next write; with ``wait``, a future that says
-        whether it was written as submitted (False: the lease was lost, or it could
-        not be stored and the job was dead-lettered instead)."""
+        whether it was written as submitted (False: the lease was lost, it could not
+        be stored and the job was dead-lettered instead, or a cancel request changed
+        it, see ``jobs.effective_event``)."""
         self._pending[outcome.token] = outcome
         future: asyncio.Future[bool] | None = None
         if wait:
@@ -119,7 +121,7 @@ class Completer:
                 for outcome in batch:
                     del self._pending[outcome.token]
                 self._update_events()
-                written: set[str] = set()
+                written: dict[str, JobStatus] = {}
                 try:
                     await self._write(batch, written)
                 except Exception as exc:
@@ -149,11 +151,12 @@ class Completer:
         if len(self._pending) < self._max:
             self._full.clear()
 
-    async def _write(self, batch: list[Outcome], written: set[str]) -> None:
-        """Write ``batch``, adding the tokens written to ``written``; isolate outcomes
-        that cannot be stored. Raises only errors that ``heals``."""
+    async def _write(self, batch: list[Outcome], written: dict[str, JobStatus]) -> None:
+        """Write ``batch``, adding the tokens written (and the job's new status) to
+        ``written``; isolate outcomes that cannot be stored. Raises only errors that
+        ``heals``."""
         try:
-            written |= await self._queue.finish(batch)
+            written.update(await self._queue.finish_statuses(batch))
             return
         except Exception as exc:
             if heals(exc):
@@ -191,13 +194,23 @@ class Completer:
             self._buried.add(dead.token)
             self._metrics.outcome_unstorable()
 
-    def _settle(self, batch: list[Outcome], written: set[str]) -> None:
+    def _settle(self, batch: list[Outcome], written: dict[str, JobStatus]) -> None:
         for outcome in batch:
-            ok = outcome.token in written
+            status = written.get(outcome.token)
+            # Written as submitted: a standing cancel request turns a retry into a
+            # cancel, and a cancel nobody requested into a release (jobs.effective_event).
+            ok = status is TRANSITIONS[(JobStatus.RUNNING, outcome.event)]
             for future in self._waiters.pop(outcome.token, ()):
                 if not future.done():
                     future.set_result(ok)
-            if ok or outcome.token in self._pending:
+            if status is not None or outcome.token in self._pending:
+                if status is not None and not ok:
+                    self._logger.info(
+                        "outcome written as another event",
+                        job_id=outcome.job_id,
+                        outcome=outcome.event.value,
+                        status=status.value,
+                    )
                 continue
             if outcome.token in self._buried:
                 self._buried.discard(outcome.token)

@@ -594,6 +594,7 @@ class Queue:
                         # Marked after LISTEN is up, read after the mark: a job that ends
                         # later is announced; one that ended before is read here.
                         await conn.execute(self._sql["wait_for"], {"id": job_id})
+                    woken.clear()  # what woke it so far, the read below sees
                     while True:
                         job = await self.get(job_id)
                         if job is None:
@@ -685,8 +686,18 @@ class Queue:
         A token missing from the result lost its lease (the job was rescued, maybe
         claimed again): its outcome was rejected. At most one outcome per token.
         """
+        return set(await self.finish_statuses(outcomes, connection=connection))
+
+    async def finish_statuses(
+        self,
+        outcomes: Sequence[Outcome],
+        *,
+        connection: AsyncConnection[Any] | None = None,
+    ) -> dict[str, JobStatus]:
+        """``finish``, returning the new status of each token's job: what the outcome
+        asked for, unless a cancel request changed it (``jobs.effective_event``)."""
         if not outcomes:
-            return set()
+            return {}
         params = {
             "outcomes": outcomes_json(outcomes),
             "keep_errors": MAX_ERROR_RECORDS,
@@ -695,7 +706,7 @@ class Queue:
         }
         async with self.connection(connection) as conn:
             cur = await conn.execute(self._sql["finish"], params)
-            return {r[0] for r in await cur.fetchall()}
+            return {r[0]: JobStatus(r[1]) for r in await cur.fetchall()}
 
     async def rescue(self, limit: int = 1000) -> int:
         """Return jobs whose lease expired (their worker died or hung) to queued, or to

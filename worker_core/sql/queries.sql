@@ -257,7 +257,7 @@ WITH o AS (
     SELECT pg_notify(%(done_channel)s, id::text)
     FROM done WHERE waited AND status IN ('succeeded', 'dead', 'cancelled')
 )
-SELECT done.token FROM done CROSS JOIN (SELECT count(*) FROM told) AS w
+SELECT done.token, done.status FROM done CROSS JOIN (SELECT count(*) FROM told) AS w
 
 -- name: rescue
 -- Any worker returns jobs whose lease expired (their worker died or hung) to
