@@ -92,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         p.add_argument("queue", metavar="QUEUE")
 
+    p = sub.add_parser("cancel", help="cancel a queued job, or stop a running one")
+    p.add_argument("job_id", metavar="ID", type=int)
+    p.add_argument(
+        "--wait", type=float, default=None, metavar="SECONDS", help="wait for a running job to end"
+    )
+
     p = sub.add_parser("dashboard", help="serve the operations console (web dashboard)")
     p.add_argument("--host", default=None, help="address to bind (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="port (default: 8787)")
@@ -414,6 +420,32 @@ async def cmd_pause(args: argparse.Namespace, out: IO[str]) -> int:
     return EXIT_OK
 
 
+async def cmd_cancel(args: argparse.Namespace, out: IO[str]) -> int:
+    from .jobs import JobStatus
+    from .queue import Queue
+
+    if args.wait is not None and not (0 <= args.wait <= 86_400):
+        raise CommandError("--wait must be between 0 and 86400 seconds")
+    config = load_config(args)
+    require_dsn(config)
+    async with Queue(config) as queue:
+        if not await queue.cancel(args.job_id):
+            raise CommandError(f"job {args.job_id} is not queued or running")
+        job = await queue.get(args.job_id)
+        if job is not None and job.status is JobStatus.RUNNING and args.wait is not None:
+            try:
+                job = await queue.wait(args.job_id, timeout=args.wait)
+            except TimeoutError:
+                raise CommandError(
+                    f"job {args.job_id}: cancel requested, still running after {args.wait:g}s"
+                ) from None
+    if job is not None and job.status is JobStatus.RUNNING:
+        out.write(f"job {args.job_id}: cancel requested; its worker stops the run\n")
+    else:
+        out.write(f"job {args.job_id}: {job.status.value if job else 'gone'}\n")
+    return EXIT_OK
+
+
 async def cmd_dashboard(args: argparse.Namespace, out: IO[str]) -> int:
     from .dashboard import serve
 
@@ -465,6 +497,7 @@ def main(
         "health": lambda: cmd_health(args, out),
         "demo": lambda: cmd_demo(args, out),
         "pause": lambda: cmd_pause(args, out),
+        "cancel": lambda: cmd_cancel(args, out),
         "resume": lambda: cmd_pause(args, out),
         "dashboard": lambda: cmd_dashboard(args, out),
     }

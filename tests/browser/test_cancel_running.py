@@ -1,10 +1,7 @@
 """A running job cancelled from the page ends cancelled.
 
-Cancelling a *running* job arrives with the job model (DESIGN section 3:
-``running --cancel--> cancelled``; the owning worker stops the run at its next
-await). Until then ``Queue.cancel`` refuses running jobs and this test fails, so it
-is a strict xfail: once the job model lands it passes, the strict marker turns
-that into a failure, and whoever merges removes the marker.
+DESIGN section 3: ``running --cancel--> cancelled``; the page's Cancel button asks
+``Queue.cancel`` and the owning worker stops the run at its next await.
 """
 
 from __future__ import annotations
@@ -12,7 +9,6 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import pytest
 from selenium.webdriver.common.by import By
 
 from worker_core import JobStatus
@@ -21,9 +17,6 @@ from worker_core.testing import wait_for_status
 from .conftest import Served
 
 
-@pytest.mark.xfail(
-    strict=True, reason="needs cancellation of running jobs (job model, DESIGN section 3)"
-)
 def test_a_running_job_cancelled_from_the_page_ends_cancelled(page: Any, serve: Any) -> None:
     served: Served = serve()
     job_id = served.run(served.queue.enqueue({"key": "long", "wait": True}))

@@ -4,6 +4,7 @@ next await and the job ends cancelled, fenced by its lease token."""
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import signal
 import subprocess
@@ -16,6 +17,7 @@ from typing import Any
 from psycopg import sql
 
 from worker_core import BaseWorker, Job, JobStatus, Queue, StageContext, WorkerConfig
+from worker_core.cli import main
 from worker_core.testing import running, wait_for, wait_for_status
 
 PROC_WORKER = Path(__file__).with_name("proc_worker.py")
@@ -247,6 +249,33 @@ async def test_the_cancel_request_column_only_lives_on_running_jobs(queue: Queue
             assert "jobs_cancel_request_only_when_running" in str(exc)
         else:
             raise AssertionError("a queued job took a cancel request")
+
+
+async def test_the_command_line_cancels_pauses_and_resumes(
+    queue: Queue, config: WorkerConfig, pg_dsn: str, schema: str
+) -> None:
+    def cli(*argv: str) -> tuple[int, str, str]:
+        out, err = io.StringIO(), io.StringIO()
+        env = ["--dsn", pg_dsn, "--schema", schema]
+        code = main([*env, *argv], stdin=io.StringIO(), stdout=out, stderr=err)
+        return code, out.getvalue(), err.getvalue()
+
+    queued = await queue.enqueue({})
+    assert await asyncio.to_thread(cli, "cancel", str(queued)) == (
+        0, f"job {queued}: cancelled\n", "")  # fmt: skip
+    code, _, err = await asyncio.to_thread(cli, "cancel", str(queued))
+    assert (code, err) == (1, f"worker-core cancel: job {queued} is not queued or running\n")
+    hold = Hold()
+    job_id = await queue.enqueue({})
+    async with running(HoldWorker(config, hold)):
+        await asyncio.wait_for(hold.started.wait(), 10)
+        code, out, err = await asyncio.to_thread(cli, "cancel", str(job_id), "--wait", "5")
+    assert (code, out, err) == (0, f"job {job_id}: cancelled\n", "")
+    assert await asyncio.to_thread(cli, "pause", "test") == (0, "queue 'test' paused\n", "")
+    assert (await asyncio.to_thread(cli, "pause", "test"))[1] == "queue 'test' already paused\n"
+    assert await queue.paused() == ["test"]
+    assert await asyncio.to_thread(cli, "resume", "test") == (0, "queue 'test' resumed\n", "")
+    assert await queue.paused() == []
 
 
 def _async(predicate: Callable[[], bool]) -> Callable[[], Any]:
