@@ -64,10 +64,13 @@ def test_the_rendered_finish_table_follows_effective_event() -> None:
         table[(Transition(event), requested == "true")] = (target, int(refund), int(deferral))
         assert source == "running"
     assert len(table) == 2 * len(RUN_EVENTS)
-    for (event, asked), (target, refund, deferral) in table.items():
+    for (event, asked), row in table.items():
         actual = effective_event(event, asked)
-        assert target == TRANSITIONS[(R, actual)].value
-        assert (refund, deferral) == (int(actual in REFUNDED), int(actual in DEFERRED))
+        assert row == (
+            TRANSITIONS[(R, actual)].value,
+            int(actual in REFUNDED),
+            int(actual in DEFERRED),
+        )
 
 
 def test_channel_names_fit_postgres_identifiers() -> None:
