@@ -64,9 +64,9 @@ def test_the_rendered_finish_table_follows_effective_event() -> None:
         table[(Transition(event), requested == "true")] = (target, int(refund), int(deferral))
         assert source == "running"
     assert len(table) == 2 * len(RUN_EVENTS)
-    for (event, asked), row in table.items():
+    for (event, asked), got in table.items():
         actual = effective_event(event, asked)
-        assert row == (
+        assert got == (
             TRANSITIONS[(R, actual)].value,
             int(actual in REFUNDED),
             int(actual in DEFERRED),
