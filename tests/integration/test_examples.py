@@ -60,3 +60,20 @@ def test_http_enrichment(pg_dsn: str) -> None:
     assert "18 invoices converted" in out
     assert "dead: 1" in out
     assert "unknown currency 'XYZ'" in out
+
+
+def test_job_model(pg_dsn: str) -> None:
+    try:
+        out = run_example("job_model.py", pg_dsn)
+    finally:
+        drop_schema(pg_dsn, "example_job_model")
+    lines = out.strip().splitlines()
+    assert (
+        "(document on uploads): succeeded, {'text': 'contents of report.txt', 'words': 3}"
+        in (lines[0])
+    )
+    assert "(image on backfill): succeeded" in lines[1] and "cat.jpg.png" in lines[1]
+    assert lines[2].endswith("cancelled while running (stage done: None)")
+    assert lines[3].endswith(": cancelled")
+    assert lines[4].endswith("while paused: queued")
+    assert lines[5].endswith("after resume: succeeded")
