@@ -16,7 +16,6 @@ from typing import Any
 
 from worker_core import BaseWorker, Job, Queue, StageContext, WorkerConfig
 
-
 #: Set when the slow job's stage has started (so the example cancels a running job).
 SLOW_STARTED = asyncio.Event()
 
