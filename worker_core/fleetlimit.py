@@ -11,7 +11,7 @@ tokens are spread, and leases are served in the order the database saw them.
 
 Cost: a lease is sized by this worker's recent demand (about ``horizon`` seconds of
 it, at most ``horizon`` seconds of the fleet's rate), and the next lease is taken in
-the background once half the stock is used, so a busy worker makes one round trip
+the background while a horizon's worth of stock is still left, so a busy worker makes one round trip
 per many tokens and its callers rarely wait for one. A token not used within
 ``token_ttl`` seconds of becoming valid is dropped rather than used late (that
 would bunch calls up); tokens still in the future when the worker stops are given
@@ -229,10 +229,11 @@ class FleetBucket:
         self._demand = self._demand * math.exp(-max(0.0, now - self._demand_at) / _DEMAND_TAU) + n
         self._demand_at = now
 
-    def _want(self, n: int) -> int:
+    def _want(self, n: int, *, ahead: bool = False) -> int:
         """Tokens the next lease asks for: enough for the callers waiting now and
-        about ``horizon`` seconds of recent demand, within ``horizon`` of the rate."""
-        have = len(self._tokens)
+        about ``horizon`` seconds of recent demand (on top of the stock when leasing
+        ahead), within ``horizon`` seconds of the fleet's rate."""
+        have = 0 if ahead else len(self._tokens)
         demand = self._demand / _DEMAND_TAU
         target = max(self._wanted, math.ceil(demand * self.horizon))
         cap = max(n, math.ceil(self.rate * self.horizon))
@@ -259,7 +260,9 @@ class FleetBucket:
 
     def _prefetch(self) -> None:
         """Lease the next batch in the background when callers are queued beyond the
-        stock, or once half the stock that recent demand calls for is used."""
+        stock, or once the stock is below ``horizon`` seconds of recent demand: one
+        lease stays ahead of the callers, so a slow round trip (or a busy event loop)
+        leaves neither them waiting nor the fleet's bucket filling up unused."""
         if self._inflight is not None and not self._inflight.done():
             return
         if self._store is None or self._clock() < self._down_until:
@@ -267,9 +270,9 @@ class FleetBucket:
         have = len(self._tokens)
         stock = math.ceil(self._demand / _DEMAND_TAU * self.horizon)
         # Below a stock of 2, leasing ahead would cost a round trip per token anyway.
-        if self._wanted > have or (stock >= 2 and have * 2 < stock):
+        if self._wanted > have or (stock >= 2 and have < stock):
             self._inflight = asyncio.get_running_loop().create_task(
-                self._lease(self._want(1)), name=f"worker_core.ratelimit.{self.name}"
+                self._lease(self._want(1, ahead=True)), name=f"worker_core.ratelimit.{self.name}"
             )
 
     async def _lease(self, want: int) -> None:
