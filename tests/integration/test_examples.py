@@ -60,3 +60,14 @@ def test_http_enrichment(pg_dsn: str) -> None:
     assert "18 invoices converted" in out
     assert "dead: 1" in out
     assert "unknown currency 'XYZ'" in out
+
+
+def test_scheduled_rescan(pg_dsn: str) -> None:
+    try:
+        out = run_example("scheduled_rescan.py", pg_dsn)
+    finally:
+        drop_schema(pg_dsn, "example_rescan")
+    lines = out.strip().splitlines()
+    assert lines[0] == "first re-scan: 3 objects, 3 ingest jobs waiting"
+    assert lines[1] == "next re-scan: 3 objects, 3 ingest jobs waiting"
+    assert lines[-1] == "re-scan after editing b.md: 3 objects, 4 ingest jobs waiting"
