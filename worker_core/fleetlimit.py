@@ -35,6 +35,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from .errors import RetryableError
+from .jobs import check_label
 from .logs import StructuredLogger
 from .ratelimit import Clock, Sleep, TokenBucket
 from .redact import redact_text
@@ -73,8 +74,9 @@ class FleetBucket:
         token_ttl: float = 1.0,
         retry_interval: float = 2.0,
     ) -> None:
-        # The per-process bucket validates rate and burst, and limits this process
-        # alone while no database is attached.
+        # The name keys the shared row; the per-process bucket validates rate and
+        # burst, and limits this process alone while no database is attached.
+        check_label(name, "rate limit name")
         self._local = TokenBucket(rate, burst, name=name, clock=clock, sleep=sleep)
         if not (0 < horizon <= 60 and 0 < token_ttl <= 60 and 0 < retry_interval <= 3600):
             raise ValueError(

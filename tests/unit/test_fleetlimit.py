@@ -112,12 +112,16 @@ def test_it_is_a_rate_limiter(fake: FakeTime) -> None:
     assert isinstance(TokenBucket(1.0, name="x"), RateLimiter)
     for n in (0, 6, True, 1.5):
         with pytest.raises(ValueError, match="cannot take"):
-            FleetBucket(1.0, 5).wait_time(n)  # type: ignore[arg-type]
+            FleetBucket(1.0, 5, name="x").wait_time(n)  # type: ignore[arg-type]
     for bad in ({"horizon": math.nan}, {"token_ttl": 0.0}, {"retry_interval": -1.0}):
         with pytest.raises(ValueError, match="out of range"):
-            FleetBucket(1.0, 1, **bad)
+            FleetBucket(1.0, 1, name="x", **bad)
     with pytest.raises(ValueError, match="rate must be a positive number"):
-        FleetBucket(math.inf)
+        FleetBucket(math.inf, name="x")
+    with pytest.raises(ValueError, match="rate limit name must not be blank"):
+        FleetBucket(1.0)
+    with pytest.raises(ValueError, match="control characters"):
+        FleetBucket(1.0, name="a\x00b")
 
 
 async def test_detached_it_limits_this_process_alone(fake: FakeTime) -> None:
