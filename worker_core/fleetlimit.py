@@ -125,7 +125,9 @@ class FleetBucket:
         """Stop sharing: give back the leased tokens not yet valid (best effort)."""
         store, self._store = self._store, None
         if self._inflight is not None and not self._inflight.done():
-            with contextlib.suppress(BaseException):
+            # A lease in flight may still bring tokens: wait for it (bounded) so that
+            # they are counted and given back too.
+            with contextlib.suppress(Exception):
                 await asyncio.wait_for(asyncio.shield(self._inflight), 2.0)
         future = sum(1 for t in self._tokens if t > self._clock())
         self._tokens.clear()
