@@ -51,6 +51,7 @@ typecheck: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(BIN)/python bench/enqueue.py
 	$(BIN)/python bench/throughput.py
+	$(BIN)/python bench/limits.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

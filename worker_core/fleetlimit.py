@@ -11,7 +11,7 @@ tokens are spread, and leases are served in the order the database saw them.
 
 Cost: a lease is sized by this worker's recent demand (about ``horizon`` seconds of
 it, at most ``horizon`` seconds of the fleet's rate), and the next lease is taken in
-the background once half the stock is used, so a busy worker makes one round trip
+the background while a horizon's worth of stock is still left, so a busy worker makes one round trip
 per many tokens and its callers rarely wait for one. A token not used within
 ``token_ttl`` seconds of becoming valid is dropped rather than used late (that
 would bunch calls up); tokens still in the future when the worker stops are given
@@ -35,6 +35,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from .errors import RetryableError
+from .jobs import check_label
 from .logs import StructuredLogger
 from .ratelimit import Clock, Sleep, TokenBucket
 from .redact import redact_text
@@ -73,8 +74,9 @@ class FleetBucket:
         token_ttl: float = 1.0,
         retry_interval: float = 2.0,
     ) -> None:
-        # The per-process bucket validates rate and burst, and limits this process
-        # alone while no database is attached.
+        # The name keys the shared row; the per-process bucket validates rate and
+        # burst, and limits this process alone while no database is attached.
+        check_label(name, "rate limit name")
         self._local = TokenBucket(rate, burst, name=name, clock=clock, sleep=sleep)
         if not (0 < horizon <= 60 and 0 < token_ttl <= 60 and 0 < retry_interval <= 3600):
             raise ValueError(
@@ -123,7 +125,9 @@ class FleetBucket:
         """Stop sharing: give back the leased tokens not yet valid (best effort)."""
         store, self._store = self._store, None
         if self._inflight is not None and not self._inflight.done():
-            with contextlib.suppress(BaseException):
+            # A lease in flight may still bring tokens: wait for it (bounded) so that
+            # they are counted and given back too.
+            with contextlib.suppress(Exception):
                 await asyncio.wait_for(asyncio.shield(self._inflight), 2.0)
         future = sum(1 for t in self._tokens if t > self._clock())
         self._tokens.clear()
@@ -229,10 +233,11 @@ class FleetBucket:
         self._demand = self._demand * math.exp(-max(0.0, now - self._demand_at) / _DEMAND_TAU) + n
         self._demand_at = now
 
-    def _want(self, n: int) -> int:
+    def _want(self, n: int, *, ahead: bool = False) -> int:
         """Tokens the next lease asks for: enough for the callers waiting now and
-        about ``horizon`` seconds of recent demand, within ``horizon`` of the rate."""
-        have = len(self._tokens)
+        about ``horizon`` seconds of recent demand (on top of the stock when leasing
+        ahead), within ``horizon`` seconds of the fleet's rate."""
+        have = 0 if ahead else len(self._tokens)
         demand = self._demand / _DEMAND_TAU
         target = max(self._wanted, math.ceil(demand * self.horizon))
         cap = max(n, math.ceil(self.rate * self.horizon))
@@ -259,7 +264,9 @@ class FleetBucket:
 
     def _prefetch(self) -> None:
         """Lease the next batch in the background when callers are queued beyond the
-        stock, or once half the stock that recent demand calls for is used."""
+        stock, or once the stock is below ``horizon`` seconds of recent demand: one
+        lease stays ahead of the callers, so a slow round trip (or a busy event loop)
+        leaves neither them waiting nor the fleet's bucket filling up unused."""
         if self._inflight is not None and not self._inflight.done():
             return
         if self._store is None or self._clock() < self._down_until:
@@ -267,9 +274,9 @@ class FleetBucket:
         have = len(self._tokens)
         stock = math.ceil(self._demand / _DEMAND_TAU * self.horizon)
         # Below a stock of 2, leasing ahead would cost a round trip per token anyway.
-        if self._wanted > have or (stock >= 2 and have * 2 < stock):
+        if self._wanted > have or (stock >= 2 and have < stock):
             self._inflight = asyncio.get_running_loop().create_task(
-                self._lease(self._want(1)), name=f"worker_core.ratelimit.{self.name}"
+                self._lease(self._want(1, ahead=True)), name=f"worker_core.ratelimit.{self.name}"
             )
 
     async def _lease(self, want: int) -> None:

@@ -263,6 +263,12 @@ class ScheduleRunner:
         from .fleet import ScheduleStore
 
         self.schedules = validate_schedules(schedules)
+        limit = queue.config.queue.max_payload_bytes
+        for schedule in self.schedules:  # refused at start rather than at every slot
+            try:
+                dump_json(schedule.payload, f"schedule {schedule.name!r}: payload", max_bytes=limit)
+            except PayloadError as exc:
+                raise ValueError(str(exc)) from None
         self._queue = queue
         self._store = ScheduleStore(queue)
         self._log = logger or StructuredLogger("worker_core.schedules")

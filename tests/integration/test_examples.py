@@ -77,3 +77,14 @@ def test_job_model(pg_dsn: str) -> None:
     assert lines[3].endswith(": cancelled")
     assert lines[4].endswith("while paused: queued")
     assert lines[5].endswith("after resume: succeeded")
+
+
+def test_scheduled_rescan(pg_dsn: str) -> None:
+    try:
+        out = run_example("scheduled_rescan.py", pg_dsn)
+    finally:
+        drop_schema(pg_dsn, "example_rescan")
+    lines = out.strip().splitlines()
+    assert lines[0] == "first re-scan: 3 objects, 3 ingest jobs waiting"
+    assert lines[1] == "next re-scan: 3 objects, 3 ingest jobs waiting"
+    assert lines[-1] == "re-scan after editing b.md: 3 objects, 4 ingest jobs waiting"

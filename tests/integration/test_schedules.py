@@ -237,3 +237,12 @@ def test_cli_lists_schedules_with_their_next_runs() -> None:
         "worker-core schedules: tests.integration.cli_workers:BadlyScheduled: "
         "schedule 'x': unknown timezone 'Nowhere/Town'\n"
     )
+
+
+def test_a_payload_over_the_queue_limit_is_refused_at_start(
+    make_config: Callable[..., WorkerConfig],
+) -> None:
+    queue = Queue(make_config(queue={"max_payload_bytes": 1024}))
+    big = Schedule("big", "0 * * * *", {"blob": "x" * 2000})
+    with pytest.raises(ValueError, match="schedule 'big': payload is 2,011 bytes, over the limit"):
+        ScheduleRunner([big], queue)
