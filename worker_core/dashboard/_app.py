@@ -628,21 +628,27 @@ async def _stream(console: Console, response: web.StreamResponse) -> None:
     refresh = console.config.dashboard.refresh_seconds
     cache: Cached[dict[str, Any]] = console.data.overview
     deadline = time.monotonic() + 300  # the browser reconnects, and is authenticated again
-    last_text, last_write = "", 0.0
+    last_key, last_write = "", 0.0
     await response.write(f"retry: {int(refresh * 1000)}\n\n".encode())
     while time.monotonic() < deadline and not console.closing.is_set():
-        data = await cache.get()
-        text = json.dumps(
-            {k: v for k, v in data.items() if k != "generated_at"},
-            default=_json_default,
-            sort_keys=True,
-        )
-        if text != last_text:
-            payload = json.dumps(data, default=_json_default)
-            await response.write(f"event: overview\ndata: {payload}\n\n".encode())
-            last_text, last_write = text, time.monotonic()
-        elif time.monotonic() - last_write >= 15:
-            await response.write(b": ping\n\n")
+        message = b""
+        try:
+            data = await cache.get()
+        except Exception as exc:  # the database is away: say so and keep the stream
+            console._log.warning("live update failed", error_type=type(exc).__name__)
+            message = b": database unavailable\n\n"
+        else:
+            # Sent when something but the timestamp changed.
+            key = json.dumps({k: v for k, v in data.items() if k != "generated_at"},
+                             default=_json_default, sort_keys=True)  # fmt: skip
+            if key != last_key:
+                last_key = key
+                payload = json.dumps(data, default=_json_default)
+                message = f"event: overview\ndata: {payload}\n\n".encode()
+        if not message and time.monotonic() - last_write >= 15:
+            message = b": ping\n\n"
+        if message:
+            await response.write(message)
             last_write = time.monotonic()
         try:
             async with asyncio.timeout(refresh):
