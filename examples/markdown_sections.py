@@ -94,8 +94,10 @@ Subclass BaseWorker.
 
 
 async def main(dsn: str) -> None:
+    # One job at a time: the second job of the same document then finds its chunks
+    # written already (with more, which job writes first would be a race).
     config = WorkerConfig(database={"dsn": dsn, "schema": "example_markdown"},
-                          queue={"name": "markdown"})  # fmt: skip
+                          queue={"name": "markdown", "concurrency": 1})  # fmt: skip
     async with Queue(config) as queue:
         await queue.migrate()
         good = await queue.enqueue({"document_id": "readme", "markdown": DOCUMENT})
