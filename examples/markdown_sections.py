@@ -94,8 +94,8 @@ Subclass BaseWorker.
 
 
 async def main(dsn: str) -> None:
-    # One job at a time: the second job, the same document again, then finds every
-    # chunk stored (two at once would race for the same rows, either one winning).
+    # One job at a time: the second job of the same document then finds its chunks
+    # written already (with more, which job writes first would be a race).
     config = WorkerConfig(database={"dsn": dsn, "schema": "example_markdown"},
                           queue={"name": "markdown", "concurrency": 1})  # fmt: skip
     async with Queue(config) as queue:

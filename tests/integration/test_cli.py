@@ -119,3 +119,52 @@ def test_health_command(cli, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
     assert down.code == 3
     assert down.out.startswith("unhealthy")
     assert "pw77x" not in down.out
+
+
+def test_pause_and_resume(cli) -> None:  # type: ignore[no-untyped-def]
+    assert cli("migrate").code == 0
+    assert cli("pause", "docs").out == "queue 'docs' paused\n"
+    assert cli("pause", "docs").out == "queue 'docs' already paused\n"
+    assert cli("resume", "docs").out == "queue 'docs' resumed\n"
+    assert cli("resume", "docs").out == "queue 'docs' not paused\n"
+    bad = cli("pause", "a\x01b")
+    assert bad.code == 1 and bad.err.count("\n") == 1 and "queue name" in bad.err
+
+
+def test_dashboard_refuses_a_public_address_without_token(cli) -> None:  # type: ignore[no-untyped-def]
+    refused = cli("dashboard", "--host", "0.0.0.0", "--port", "0")
+    assert refused.code == 1
+    assert "without dashboard.token" in refused.err and refused.err.count("\n") == 1
+
+
+def test_dashboard_serves_until_sigterm(pg_dsn: str, schema: str) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    env = {**os.environ, "WORKER_CORE_DATABASE__DSN": pg_dsn,
+           "WORKER_CORE_DATABASE__SCHEMA": schema}  # fmt: skip
+    subprocess.run([sys.executable, "-m", "worker_core", "migrate"], env=env, check=True,
+                   capture_output=True)  # fmt: skip
+    with subprocess.Popen(
+        [sys.executable, "-m", "worker_core", "dashboard", "--port", "0", "--read-only"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    ) as proc:
+        try:
+            assert proc.stdout is not None
+            line = proc.stdout.readline()
+            assert line.startswith("dashboard on http://127.0.0.1:") and "(read-only)" in line
+            url = line.split()[2]
+            with urllib.request.urlopen(url + "api/overview", timeout=10) as response:
+                assert json.load(response)["queues"] == []
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=20) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()

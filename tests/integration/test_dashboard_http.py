@@ -301,3 +301,21 @@ async def test_queue_names_with_slashes_can_be_paused(console: Any, config: Work
     assert (await response.json())["queue"] == "a/b c"
     async with Queue(config) as queue:
         assert await queue.paused() == ["a/b c"]
+
+
+async def test_schedules_come_from_a_pluggable_source(make_config: Make) -> None:
+    config = make_config()
+    async with Queue(config) as queue:
+        await queue.migrate()
+
+    async def source() -> list[dict[str, Any]]:
+        return [{"name": EVIL, "cron": "*/5 * * * *", "next_run": "2030-01-01T00:00:00+00:00",
+                 "queue": "test", "kind": "report", "token": "never-shown-123"}]  # fmt: skip
+
+    for schedules, expected in ((None, "No schedules."), (source, "*/5 * * * *")):
+        app = create_app(config, schedules=schedules)
+        async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+            html = await (await client.get("/schedules")).text()
+            assert expected in html and EVIL not in html
+            data = await (await client.get("/api/schedules")).json()
+            assert "never-shown-123" not in json.dumps(data)

@@ -49,7 +49,8 @@ def create_app(
     """
     from aiohttp import web
 
-    from ._app import CONSOLE, Console, add_routes, guard
+    from ._app import add_routes
+    from ._guard import CONSOLE, Console, guard
 
     console = Console(
         config,
@@ -95,7 +96,7 @@ async def serve(
     check_bind(host, config)
     app = create_app(config, read_only=read_only)
     # The allowed Host names also include the address it was asked to bind.
-    from ._app import CONSOLE
+    from ._guard import CONSOLE
 
     app[CONSOLE].allowed_hosts.add(host.lower())
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import html
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlencode
@@ -124,8 +124,3 @@ def ago(value: datetime | None, now: datetime | None = None) -> str:
         return "—"
     delta = ((now or datetime.now(UTC)) - value).total_seconds()
     return f"{seconds(max(delta, 0.0))} ago"
-
-
-def attrs_for(mapping: Mapping[str, object]) -> dict[str, object]:
-    """``data-*`` attributes from a mapping (``{"queue": "q"}`` → ``data-queue``)."""
-    return {f"data_{k}": v for k, v in mapping.items()}

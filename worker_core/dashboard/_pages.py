@@ -12,11 +12,26 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 from ._data import STATUSES, timeline
-from ._html import Markup, ago, esc, h, join, pretty_json, seconds, timestamp, url
+from ._html import Markup, ago, h, join, pretty_json, seconds, timestamp, url
 
-__all__ = ["View", "page"]
+__all__ = [
+    "View",
+    "action",
+    "breakers",
+    "dead",
+    "job",
+    "jobs",
+    "login",
+    "message",
+    "overview",
+    "page",
+    "queues",
+    "schedules",
+    "workers",
+]
 
 NAV = (
     ("/", "Overview"),
@@ -493,8 +508,6 @@ def queues(view: View, data: dict[str, Any]) -> Markup:
 
 
 def _path(name: str) -> str:
-    from urllib.parse import quote
-
     return quote(name, safe="")
 
 
@@ -596,19 +609,3 @@ def login(error: str | None, next_path: str) -> Markup:
 
 def message(view: View, title: str, text: str) -> Markup:
     return page(view, title, h("p", text))
-
-
-__all__ += [
-    "action",
-    "breakers",
-    "dead",
-    "esc",
-    "job",
-    "jobs",
-    "login",
-    "message",
-    "overview",
-    "queues",
-    "schedules",
-    "workers",
-]
