@@ -142,15 +142,18 @@ class Maintenance:
                         break
 
     async def rescue(self) -> int:
-        """Return expired leases of any worker to queued (or dead); returns how many."""
+        """Return expired leases of any worker to queued (or dead, or cancelled when a
+        cancel was requested); returns how many."""
         rescued = await self._queue.rescue_expired()
         if rescued:
             dead = sum(1 for _, _, status in rescued if status is JobStatus.DEAD)
+            cancelled = sum(1 for _, _, status in rescued if status is JobStatus.CANCELLED)
             self._metrics.jobs_rescued(len(rescued))
             self._logger.warning(
                 "rescued jobs with expired leases",
                 rescued=len(rescued),
                 dead=dead,
+                cancelled=cancelled,
                 job_ids=[job_id for job_id, _, _ in rescued[:20]],
             )
         return len(rescued)
