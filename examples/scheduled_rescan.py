@@ -42,9 +42,10 @@ class Rescan:
         objects = await asyncio.to_thread(list_objects, Path(ctx.job.payload["root"]))
         documents = [{"document_id": key, "key": key} for key, _ in objects]
         versions = [f"{key}@{version}" for key, version in objects]
-        # In the job's own connection: the scan's jobs exist only if the scan succeeds.
+        # On a connection of the worker's pool, given to enqueue_many (a Queue needs no
+        # pool of its own then).
         async with ctx.connection() as conn:
-            ids = await Queue(ctx.worker.config, pool=ctx.worker.pool).enqueue_many(
+            ids = await Queue(ctx.worker.config).enqueue_many(
                 documents, queue="ingest", kind="document", dedupe_keys=versions, connection=conn
             )
         ctx.state["objects"] = len(ids)

@@ -59,9 +59,10 @@ class Dispatcher:
         #: The kinds this worker claims (None: any kind).
         self._kinds = kinds
         self._names = config.queue.names
-        #: Queues an operator paused, as last heard (NOTIFY or poll); the claim
-        #: itself skips paused queues, this holds back what is already buffered.
-        self.paused: set[str] = set()
+        #: Queues an operator paused, as last heard (NOTIFY or poll), and when this
+        #: worker heard it; the claim itself skips paused queues, this holds back
+        #: what is already buffered or was claimed just before the pause.
+        self.paused: dict[str, float] = {}
         #: Runs whose task has not ended, by lease token.
         self._runs: dict[str, Run] = {}
         #: The newest run of each job id (a stale one may still be in ``_runs``).
@@ -144,13 +145,16 @@ class Dispatcher:
         if not names:
             return
         if paused:
-            self.paused |= names
+            now = time.monotonic()
+            for name in names - self.paused.keys():
+                self.paused[name] = now
             held = [job for job in self._buffer if job.queue in names]
             if held:
                 self._buffer = collections.deque(j for j in self._buffer if j.queue not in names)
                 self._release_unstarted(held)
-        elif names & self.paused:
-            self.paused -= names
+        elif names & self.paused.keys():
+            for name in names:
+                self.paused.pop(name, None)
             self.notify()
 
     def notify(self) -> None:
@@ -219,7 +223,7 @@ class Dispatcher:
                     if self.stopping.is_set():
                         self._release_unstarted(jobs)
                         break
-                    self._accept(jobs)
+                    self._accept(jobs, claim_started)
                 if until_empty and drained and not self._runs and not self._buffer:
                     if self._completer.busy:
                         await self._completer.flush()  # a retry written now may be ready at once
@@ -247,10 +251,19 @@ class Dispatcher:
             for name in self._names
         }
 
-    def _accept(self, jobs: list[Job]) -> None:
+    def _accept(self, jobs: list[Job], claim_started: float) -> None:
         if self.paused:
-            # The claim skips paused queues: a job of one means it was resumed unheard.
-            self.paused -= {job.queue for job in jobs}
+            # A claim begun after a pause skips the queue: a job of it means the queue
+            # was resumed unheard. One begun before may bring jobs that go back unstarted.
+            paused_at = self.paused
+            held = [j for j in jobs if paused_at.get(j.queue, claim_started) > claim_started]
+            for queue in {j.queue for j in jobs} & paused_at.keys():
+                if paused_at[queue] < claim_started:
+                    del paused_at[queue]
+            if held:
+                self._release_unstarted(held)
+                gone = {j.id for j in held}
+                jobs = [j for j in jobs if j.id not in gone]
         claimed = {job.id for job in jobs}
         if self._buffer and any(job.id in claimed for job in self._buffer):
             # Claimed again while still buffered under an expired lease: the old claim is void.
