@@ -102,6 +102,7 @@ class Producer:
 class Lib:
     key = ""
     label = ""
+    venv: str | None = None  # None: the benchmark venv; else bench/compare/.venv-<venv>
 
     async def install(self, dsn: str) -> None:
         raise NotImplementedError
@@ -428,13 +429,20 @@ class ProcrastinateLib(Lib):
         return _R()
 
 
-LIBS: dict[str, Lib] = {
-    lib.key: lib
-    for lib in (
+def _all_libs() -> dict[str, Lib]:
+    # Imported here: _libs_more builds on the classes above.
+    from _libs_more import ChancyLib, ObanLib
+
+    libs = (
         ProcrastinateLib(),
         PgQueuerLib("asyncpg"),
         PgQueuerLib("psycopg"),
+        ChancyLib(),
+        ObanLib(),
         WorkerCoreLib(prefetch=False),
         WorkerCoreLib(prefetch=True),
     )
-}
+    return {lib.key: lib for lib in libs}
+
+
+LIBS: dict[str, Lib] = _all_libs()
