@@ -39,7 +39,7 @@ def asyncpg_params(dsn: str) -> dict[str, Any]:
     info = conninfo_to_dict(dsn)
     params: dict[str, Any] = {
         "host": info.get("host") or None,
-        "port": int(info["port"]) if info.get("port") else 5432,
+        "port": int(str(info["port"])) if info.get("port") else 5432,
         "user": info.get("user") or None,
         "database": info.get("dbname") or None,
     }
@@ -140,13 +140,15 @@ class WorkerCoreLib(Lib):
     def config(self, dsn: str, concurrency: int = 10) -> Any:
         from worker_core import WorkerConfig
 
-        return WorkerConfig(
-            database={"dsn": dsn, "schema": "bench"},
-            queue={
-                "name": QUEUE,
-                "concurrency": concurrency,
-                "prefetch": concurrency if self.prefetch else 0,
-            },
+        return WorkerConfig.model_validate(
+            {
+                "database": {"dsn": dsn, "schema": "bench"},
+                "queue": {
+                    "name": QUEUE,
+                    "concurrency": concurrency,
+                    "prefetch": concurrency if self.prefetch else 0,
+                },
+            }
         )
 
     def settings(self, concurrency: int, processes: int) -> str:

@@ -265,7 +265,7 @@ class ObanLib(Lib):
             info = oban.check_queue(QUEUE)
             return len(info.running) if info is not None else 0
 
-        async def run_until(done: Callable[[], Awaitable[None]]) -> None:
+        async def run_until(done: Callable[[], Awaitable[object]]) -> None:
             await oban.start()
             try:
                 await done()

@@ -296,7 +296,7 @@ def machine_info(admin: str, source: str, extra_versions: dict[str, str]) -> dic
 
     with psycopg.connect(admin, autocommit=True) as conn:
         version = conn.execute("SELECT version()").fetchone()
-        settings = dict(
+        settings: dict[str, str] = dict(
             conn.execute(
                 "SELECT name, setting FROM pg_settings WHERE name = ANY(%s)",
                 (

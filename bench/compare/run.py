@@ -387,7 +387,7 @@ class WorkerProc:
         await asyncio.wait_for(self.proc.wait(), 30)
         if self.proc.returncode != 0:
             raise RuntimeError(f"worker exited {self.proc.returncode}: {self.stderr_tail()}")
-        return json.loads(line)
+        return dict(json.loads(line))
 
     async def kill(self) -> None:
         if self.proc.returncode is None:
@@ -436,7 +436,7 @@ async def measure_drain(
     plan: Plan, admin: str, lib: Lib, n: int, concurrency: int, processes: int, sleep_ms: float
 ) -> Sample:
     async with fresh_db(admin, f"drain_{lib.key}") as dsn:
-        dbname = conninfo_to_dict(dsn)["dbname"]
+        dbname = str(conninfo_to_dict(dsn)["dbname"])
         await lib.install(dsn)
         args = worker_args(
             plan, lib, dsn, concurrency, processes, "--mode", "drain", "--sleep-ms", str(sleep_ms)
