@@ -132,11 +132,24 @@ async def drain(
     worker = NoopWorker(config)
     dsn = config.database.dsn.get_secret_value() if config.database.dsn else ""
     async with reindexing(dsn, config.database.schema, variant):
+        server_before = SERVER_CPU.seconds() if SERVER_CPU else None
+        cpu = time.process_time()
         started = time.perf_counter()
         await worker.run(until_empty=True, install_signal_handlers=False)
         elapsed = time.perf_counter() - started
+        cpu = time.process_time() - cpu
+        server_after = SERVER_CPU.seconds() if SERVER_CPU else None
     assert worker.metrics.processed == jobs, worker.metrics.summary()
+    if server_before is not None and server_after is not None:
+        # Client (this process: the worker runs here) plus server CPU per job: less
+        # sensitive than the rate to other work on a shared machine.
+        CPU_PER_JOB.setdefault(id(queue), []).append((cpu + server_after - server_before) / jobs)
     return jobs / elapsed
+
+
+# CPU seconds per job (client + server) of each probe, by the Queue it ran on.
+CPU_PER_JOB: dict[int, list[float]] = {}
+SERVER_CPU: _servers.ServerCpu | None = None
 
 
 async def table_state(dsn: str, schema: str) -> dict[str, int]:
@@ -169,8 +182,11 @@ async def index_sizes(dsn: str, schema: str) -> str:
     return ", ".join(f"{name} {size / 2**20:,.1f}" for name, size in rows) + " (MiB)"
 
 
-async def fresh(dsn: str, args: argparse.Namespace, variant: Variant | None = None) -> list[float]:
+async def fresh(
+    dsn: str, args: argparse.Namespace, variant: Variant | None = None
+) -> tuple[list[float], list[float]]:
     rates = []
+    cpu: list[float] = []
     for i in range(args.repeat):
         schema = new_schema("fresh")
         config = make_config(dsn, schema, args, variant)
@@ -178,11 +194,12 @@ async def fresh(dsn: str, args: argparse.Namespace, variant: Variant | None = No
             async with Queue(config) as queue:
                 await queue.migrate()
                 rates.append(await drain(config, queue, args.probe, variant))
+                cpu.extend(CPU_PER_JOB.pop(id(queue), []))
                 if i == args.repeat - 1:
                     print(f"  fresh table after a probe: {await index_sizes(dsn, schema)}")
         finally:
             drop_schema(dsn, schema)
-    return rates
+    return rates, cpu
 
 
 class Counting:
@@ -210,7 +227,7 @@ class LongRunningWorker(BaseWorker):
 
 async def aged(
     dsn: str, args: argparse.Namespace, variant: Variant | None = None
-) -> tuple[list[float], list[float]]:
+) -> tuple[list[float], list[float], list[float]]:
     """One long-running worker (as in production: its maintenance and vacuum tasks
     run on their own schedule) takes ``--total`` jobs enqueued in rounds."""
     schema = new_schema("aged")
@@ -263,26 +280,37 @@ async def aged(
             )
             print(f"  aged table: {await index_sizes(dsn, schema)}")
             probes = [await drain(config, queue, args.probe, variant) for _ in range(args.repeat)]
+            probe_cpu = CPU_PER_JOB.pop(id(queue), [])
     finally:
         drop_schema(dsn, schema)
     round_rates = [rate for rate, _ in rounds]
     typical = statistics.median(round_rates)
     print(f"rounds: {summary(round_rates)} jobs/s")
     vacuum_rates = [rate for rate, vacuumed in rounds if vacuumed]
-    return probes, [rate / typical for rate in vacuum_rates] or [1.0]
+    return probes, [rate / typical for rate in vacuum_rates] or [1.0], probe_cpu
 
 
-async def one_variant(dsn: str, args: argparse.Namespace, variant: Variant) -> tuple[float, float]:
+async def one_variant(
+    dsn: str, args: argparse.Namespace, variant: Variant
+) -> tuple[float, float, float]:
     print(f"\n== variant {variant.name} ==", flush=True)
-    baseline = await fresh(dsn, args, variant)
+    baseline, fresh_cpu = await fresh(dsn, args, variant)
     print(f"fresh table: {summary(baseline)} jobs/s")
-    probes, vacuum_ratios = await aged(dsn, args, variant)
+    probes, vacuum_ratios, aged_cpu = await aged(dsn, args, variant)
     print(f"after {args.total:,} jobs with retention: {summary(probes)} jobs/s")
     ratio = statistics.median(probes) / statistics.median(baseline)
     print(
         f"aged / fresh drain rate: {ratio:.2f} (target >= 0.90) "
         f"{'OK' if ratio >= 0.9 else 'MISSED'}"
     )
+    cpu_ratio = float("nan")
+    if fresh_cpu and aged_cpu:
+        f_us, a_us = statistics.median(fresh_cpu) * 1e6, statistics.median(aged_cpu) * 1e6
+        cpu_ratio = f_us / a_us
+        print(
+            f"CPU per job (worker + server): fresh {f_us:,.0f} us, aged {a_us:,.0f} us; "
+            f"fresh / aged {cpu_ratio:.2f} (the rate ratio's CPU-bound counterpart)"
+        )
     worst = min(vacuum_ratios)
     print(
         f"slowest round with a VACUUM running: {worst:.2f} of the median round "
@@ -294,12 +322,14 @@ async def one_variant(dsn: str, args: argparse.Namespace, variant: Variant) -> t
             f"REINDEX CONCURRENTLY: {len(times)} runs, median {statistics.median(times) * 1000:,.0f} ms"
             f", max {max(times) * 1000:,.0f} ms"
         )
-    return ratio, statistics.median(probes)
+    return ratio, statistics.median(probes), cpu_ratio
 
 
 async def main(args: argparse.Namespace) -> None:
+    global SERVER_CPU
     with _servers.from_args(args) as server:
         dsn = server.dsn
+        SERVER_CPU = _servers.ServerCpu(server.postmaster_pid) if server.postmaster_pid else None
         print(
             f"PostgreSQL {server_version(dsn)} ({server.description}); concurrency "
             f"{args.concurrency}, prefetch {args.prefetch}; probe {args.probe:,} jobs x "
@@ -309,9 +339,9 @@ async def main(args: argparse.Namespace) -> None:
         for variant in args.variants:
             outcome[variant.name] = await one_variant(dsn, args, variant)
         if len(outcome) > 1:
-            print("\nvariant        aged/fresh  aged probe jobs/s")
-            for name, (ratio, rate) in outcome.items():
-                print(f"{name:<14} {ratio:>10.2f}  {rate:>17,.0f}")
+            print("\nvariant        aged/fresh rate  fresh/aged CPU per job  aged probe jobs/s")
+            for name, (ratio, rate, cpu_ratio) in outcome.items():
+                print(f"{name:<14} {ratio:>15.2f}  {cpu_ratio:>22.2f}  {rate:>17,.0f}")
 
 
 if __name__ == "__main__":
