@@ -158,29 +158,13 @@ def report_py_spy(stacks: dict[str, int], us_per_job: float, top: int) -> None:
     for name, count in leaf.most_common(top):
         print(f"  {count / total:>6.1%} {count / total * us_per_job:>7.1f}  {name}")
     print(f"\ninclusive time, top {top} worker_core functions (a caller includes its callees):")
-    ours = [(n, c) for n, c in inclusive.most_common() if ".py)" in n and is_ours(n)]
+    ours = [(n, c) for n, c in inclusive.most_common() if is_ours(n)]
     for name, count in ours[:top]:
         print(f"  {count / total:>6.1%} {count / total * us_per_job:>7.1f}  {name}")
 
 
 def is_ours(name: str) -> bool:
-    return any(
-        f"({module}" in name
-        for module in (
-            "worker.py",
-            "queue.py",
-            "jobs.py",
-            "stages.py",
-            "metrics.py",
-            "logs.py",
-            "writes.py",
-            "retry.py",
-            "breaker.py",
-            "ratelimit.py",
-            "redact.py",
-            "config.py",
-        )
-    )
+    return "(worker_core/" in name or "/worker_core/" in name
 
 
 def report_cprofile(profile: cProfile.Profile, us_per_job: float, top: int) -> None:
