@@ -59,6 +59,7 @@ class Run:
     samples: int = 0
     active: list[int] = field(default_factory=list)
     top: list[dict[str, Any]] = field(default_factory=list)
+    machine_busy: float = 0.0  # all cores, everyone's work, over the run
 
 
 class Proc:
@@ -154,11 +155,13 @@ async def one_run(
                 sample_activity(server.dsn, name, args.sample_ms / 1000, run)
             )
             before = cpu.seconds()
+            ticks_before = _servers.machine_ticks()
             go = time.monotonic()
             for p in procs:
                 p.go()
             out = [json.loads(await p.line(600)) for p in procs]
             after = cpu.seconds()
+            ticks_after = _servers.machine_ticks()
             sampler.cancel()
             await asyncio.gather(sampler, return_exceptions=True)
         finally:
@@ -170,6 +173,8 @@ async def one_run(
         run.elapsed = max(float(o["end"]) for o in out) - go
         run.rate = args.jobs / run.elapsed
         run.client_cpu_s = sum(float(o["cpu"]) for o in out)
+        total = ticks_after[1] - ticks_before[1]
+        run.machine_busy = (ticks_after[0] - ticks_before[0]) / total if total else 0.0
         run.server_cpu_s = after - before if after is not None and before is not None else None
         if top:
             run.top = meters.top(name, args.top)
@@ -206,10 +211,11 @@ def report(runs: dict[int, list[Run]], args: argparse.Namespace) -> None:
     base = statistics.median(r.rate for r in runs[min(runs)])
     print(
         f"\n{'procs':>5} | {'jobs/s (median)':>15} | {'range':>15} | {'vs 1':>5} | "
-        f"{'client CPU':>10} | {'PG CPU':>7} | {'machine CPU':>11} | {'active':>6} | top waits"
+        f"{'client CPU':>10} | {'PG CPU':>7} | {'ours':>5} | {'machine':>7} | {'active':>6} | top waits"
     )
     print(
-        f"{'':>5} | {'':>15} | {'':>15} | {'':>5} | {'ms/1k':>10} | {'ms/1k':>7} | {'% busy':>11} |"
+        f"{'':>5} | {'':>15} | {'':>15} | {'':>5} | {'ms/1k':>10} | {'ms/1k':>7} | "
+        f"{'% CPU':>5} | {'% busy':>7} |"
     )
     verdict: list[str] = []
     previous: float | None = None
@@ -223,6 +229,7 @@ def report(runs: dict[int, list[Run]], args: argparse.Namespace) -> None:
         busy = statistics.median(
             (r.client_cpu_s + (r.server_cpu_s or 0.0)) / (r.elapsed * cores) for r in rs
         )
+        machine = statistics.median(r.machine_busy for r in rs)
         waits: collections.Counter[str] = collections.Counter()
         for r in rs:
             waits.update(r.waits)
@@ -233,7 +240,8 @@ def report(runs: dict[int, list[Run]], args: argparse.Namespace) -> None:
         print(
             f"{p:>5} | {rate:>15,.0f} | {min(r.rate for r in rs):>7,.0f}-{max(r.rate for r in rs):<7,.0f} | "
             f"{rate / base:>4.2f}x | {client:>10,.0f} | "
-            f"{f'{server:,.0f}' if server is not None else '-':>7} | {busy:>10.0%} | "
+            f"{f'{server:,.0f}' if server is not None else '-':>7} | {busy:>5.0%} | "
+            f"{machine:>7.0%} | "
             f"{active:>6} | {top_waits}"
         )
         if previous is not None and rate < previous * 1.10:
@@ -241,6 +249,11 @@ def report(runs: dict[int, list[Run]], args: argparse.Namespace) -> None:
             why = []
             if busy >= 0.85:
                 why.append(f"the machine's {cores} cores are {busy:.0%} busy (client + server)")
+            elif machine >= 0.85:
+                why.append(
+                    f"the machine's {cores} cores are {machine:.0%} busy, "
+                    f"{machine - busy:.0%} of them with other work"
+                )
             for name, value in share.items():
                 if name != "on CPU" and value >= 0.2:
                     why.append(f"{value:.0%} of active-backend samples wait on {name}")
