@@ -66,9 +66,10 @@ def find_py_spy() -> str | None:
 class PySpy:
     """py-spy record attached to this process, raw (collapsed) stacks to a file."""
 
-    def __init__(self, exe: str, rate: int) -> None:
+    def __init__(self, exe: str, rate: int, native: bool = False) -> None:
         self.exe = exe
         self.rate = rate
+        self.native = native
         self.out = Path(tempfile.mkstemp(prefix="wc-pyspy-", suffix=".txt")[1])
         self.proc: subprocess.Popen[bytes] | None = None
         self.stacks: dict[str, int] = {}
@@ -86,7 +87,8 @@ class PySpy:
                 "raw",
                 "--output",
                 str(self.out),
-                "--nonblocking",
+                # --native reads C stacks, which needs the process paused per sample.
+                *(["--native"] if self.native else ["--nonblocking"]),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -245,7 +247,7 @@ async def main(args: argparse.Namespace) -> None:
             raise SystemExit(
                 "py-spy not found: run bench/compare/run.py once, or --profiler cprofile"
             )
-        spy = PySpy(exe, args.rate)
+        spy = PySpy(exe, args.rate, args.native)
         rate_p, us_p = await drain_once(server.dsn, args, spy)
         stacks = spy.stacks
         print(f"under py-spy ({args.rate}/s): {rate_p:,.0f} jobs/s, {us_p:.1f} us CPU per job")
@@ -262,5 +264,8 @@ if __name__ == "__main__":
     parser.add_argument("--profiler", choices=["py-spy", "cprofile"], default="py-spy")
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument(
+        "--native", action="store_true", help="py-spy --native: C frames too (libpq, uvloop)"
+    )
     _servers.add_arguments(parser)
     run(main(parser.parse_args()))
