@@ -142,11 +142,16 @@ def report_py_spy(stacks: dict[str, int], us_per_job: float, top: int) -> None:
     leaf: collections.Counter[str] = collections.Counter()
     inclusive: collections.Counter[str] = collections.Counter()
     groups: collections.Counter[str] = collections.Counter()
+    callers: collections.Counter[tuple[str, str]] = collections.Counter()
     for stack, count in stacks.items():
         frames = stack.split(";")[1:]  # the first element is the thread
         if not frames:
             continue
         leaf[frame_name(frames[-1])] += count
+        # The nearest caller in Python code (C frames of --native skipped).
+        python_callers = [f for f in frames[:-1] if ".py:" in f]
+        if python_callers:
+            callers[frame_name(frames[-1]), frame_name(python_callers[-1])] += count
         for name in {frame_name(f) for f in frames}:
             inclusive[name] += count
         last = frames[-1]
@@ -156,9 +161,11 @@ def report_py_spy(stacks: dict[str, int], us_per_job: float, top: int) -> None:
     print("\nself time by where the leaf frame is (share, us/job):")
     for name, count in groups.most_common():
         print(f"  {count / total:>6.1%} {count / total * us_per_job:>7.1f}  {name}")
-    print(f"\nself time, top {top} functions:")
+    print(f"\nself time, top {top} functions (and their most frequent Python caller):")
     for name, count in leaf.most_common(top):
-        print(f"  {count / total:>6.1%} {count / total * us_per_job:>7.1f}  {name}")
+        mine = [(c, n) for (f, c), n in callers.items() if f == name]
+        by = f"  <- {max(mine, key=lambda x: x[1])[0]}" if mine else ""
+        print(f"  {count / total:>6.1%} {count / total * us_per_job:>7.1f}  {name}{by}")
     print(f"\ninclusive time, top {top} worker_core functions (a caller includes its callees):")
     ours = [(n, c) for n, c in inclusive.most_common() if is_ours(n)]
     for name, count in ours[:top]:
