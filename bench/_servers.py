@@ -10,6 +10,9 @@ each started for the run in a throwaway data directory on a free port, with the
 server's default settings except ``max_connections = 200`` (and, when asked,
 ``shared_preload_libraries = pg_stat_statements``), listening on 127.0.0.1 and on
 a Unix socket; the transport (``tcp`` or ``unix``) picks which one the DSN names.
+The superuser has a random password (SCRAM), so other local users cannot use the
+server while it runs; it reaches this process and its children through
+``PGPASSWORD`` (libpq and asyncpg read it), never through a DSN or a command line.
 Or any server by ``--dsn`` (also ``WORKER_CORE_BENCH_DSN``), used as it is.
 
 Meters: ``ServerCpu`` reads the CPU time of the server's processes from /proc (the
@@ -26,6 +29,7 @@ import argparse
 import contextlib
 import os
 import pwd
+import secrets
 import shutil
 import socket
 import subprocess
@@ -116,6 +120,12 @@ def start(kind: str, transport: str, *, pg_stat_statements: bool = False) -> Ite
         run_as = {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
     env = {**os.environ, "LC_ALL": "C.UTF-8", "LANG": "C.UTF-8"}
     port = _free_port()
+    password = secrets.token_urlsafe(24)
+    pwfile = root / "pwfile"
+    pwfile.write_text(password + "\n")
+    pwfile.chmod(0o600)
+    if user is not None:
+        os.chown(pwfile, pwd.getpwnam(user).pw_uid, pwd.getpwnam(user).pw_gid)
     options = [
         f"-p {port}",
         "-c listen_addresses=127.0.0.1",
@@ -133,7 +143,8 @@ def start(kind: str, transport: str, *, pg_stat_statements: bool = False) -> Ite
                 str(data),
                 "-U",
                 "postgres",
-                "--auth=trust",
+                "--auth=scram-sha-256",
+                f"--pwfile={pwfile}",
                 "--encoding=UTF8",
                 "--locale=C.UTF-8",
             ],
@@ -143,6 +154,9 @@ def start(kind: str, transport: str, *, pg_stat_statements: bool = False) -> Ite
             env=env,
             **run_as,
         )
+        pwfile.unlink()
+        os.environ["PGPASSWORD"] = password  # for this process and the workers it starts
+        started = True  # from here on a server may be running: always try to stop it
         subprocess.run(
             [
                 str(bindir / "pg_ctl"),
@@ -163,7 +177,6 @@ def start(kind: str, transport: str, *, pg_stat_statements: bool = False) -> Ite
             env=env,
             **run_as,
         )
-        started = True
         host = "127.0.0.1" if transport == "tcp" else str(sockets)
         dsn = make_conninfo(host=host, port=str(port), user="postgres", dbname="postgres")
         with psycopg.connect(dsn, autocommit=True) as conn:
