@@ -1,10 +1,11 @@
 """Where a worker process spends its CPU on no-op jobs (issue 17: input for the hot path).
 
 One BaseWorker drains N no-op jobs at concurrency ``--concurrency`` (default 50,
-default settings) in this process, twice on fresh schemas:
+default settings) in this process, on fresh schemas:
 
-1. unprofiled: the process's CPU time (user + system, all threads) per job, the
-   figure the hot-path target (<= 40 us per no-op job) is about;
+1. unprofiled, ``--repeat`` times (median): the process's CPU time (user +
+   system, all threads) per job, the figure the hot-path target (<= 40 us per
+   no-op job) is about, and its ratio to that target;
 2. profiled: py-spy (sampling, ``--rate`` per second, attached to this process;
    the default) or cProfile (``--profiler cprofile``, deterministic, inflates
    Python-heavy calls).
@@ -30,6 +31,7 @@ import os
 import pstats
 import shutil
 import signal
+import statistics
 import subprocess
 import tempfile
 import time
@@ -43,6 +45,7 @@ from throughput import NoopWorker
 from worker_core import Queue, WorkerConfig
 
 HERE = Path(__file__).resolve().parent
+TARGET_US = 40.0  # issue 17: client CPU per no-op job at concurrency 50
 
 
 def config(dsn: str, schema: str, args: argparse.Namespace) -> WorkerConfig:
@@ -241,12 +244,21 @@ async def main(args: argparse.Namespace) -> None:
             f"{'= concurrency' if args.prefetch else '0 (default)'}; load average "
             f"{os.getloadavg()[0]:.2f}"
         )
-        rate, us = await drain_once(server.dsn, args, None)
-        print(f"unprofiled: {rate:,.0f} jobs/s, {us:.1f} us CPU per job (this process)")
+        runs = [await drain_once(server.dsn, args, None) for _ in range(args.repeat)]
+        rate = statistics.median(r for r, _ in runs)
+        us = statistics.median(u for _, u in runs)
+        print(
+            f"unprofiled, median of {len(runs)}: {rate:,.0f} jobs/s, {us:.1f} us CPU per job "
+            f"(this process; range {min(u for _, u in runs):.1f}-{max(u for _, u in runs):.1f}); "
+            f"{us / TARGET_US:.2f}x the {TARGET_US:g} us target"
+        )
         if args.profiler == "cprofile":
             profile = cProfile.Profile()
             rate_p, us_p = await drain_once(server.dsn, args, profile)
-            print(f"under cProfile: {rate_p:,.0f} jobs/s, {us_p:.1f} us CPU per job")
+            print(
+                f"under cProfile: {rate_p:,.0f} jobs/s ({rate_p / rate:.2f}x unprofiled), "
+                f"{us_p:.1f} us CPU per job"
+            )
             report_cprofile(profile, us, args.top)
             return
         exe = find_py_spy()
@@ -257,7 +269,10 @@ async def main(args: argparse.Namespace) -> None:
         spy = PySpy(exe, args.rate, args.native)
         rate_p, us_p = await drain_once(server.dsn, args, spy)
         stacks = spy.stacks
-        print(f"under py-spy ({args.rate}/s): {rate_p:,.0f} jobs/s, {us_p:.1f} us CPU per job")
+        print(
+            f"under py-spy ({args.rate}/s): {rate_p:,.0f} jobs/s ({rate_p / rate:.2f}x "
+            f"unprofiled), {us_p:.1f} us CPU per job"
+        )
         report_py_spy(stacks, us, args.top)
 
 
@@ -271,6 +286,7 @@ if __name__ == "__main__":
     parser.add_argument("--profiler", choices=["py-spy", "cprofile"], default="py-spy")
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--repeat", type=int, default=3, help="unprofiled drains (median)")
     parser.add_argument(
         "--native", action="store_true", help="py-spy --native: C frames too (libpq, uvloop)"
     )
