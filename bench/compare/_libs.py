@@ -39,7 +39,7 @@ def asyncpg_params(dsn: str) -> dict[str, Any]:
     info = conninfo_to_dict(dsn)
     params: dict[str, Any] = {
         "host": info.get("host") or None,
-        "port": int(info["port"]) if info.get("port") else 5432,
+        "port": int(str(info["port"])) if info.get("port") else 5432,
         "user": info.get("user") or None,
         "database": info.get("dbname") or None,
     }
@@ -102,6 +102,7 @@ class Producer:
 class Lib:
     key = ""
     label = ""
+    venv: str | None = None  # None: the benchmark venv; else bench/compare/.venv-<venv>
 
     async def install(self, dsn: str) -> None:
         raise NotImplementedError
@@ -139,13 +140,15 @@ class WorkerCoreLib(Lib):
     def config(self, dsn: str, concurrency: int = 10) -> Any:
         from worker_core import WorkerConfig
 
-        return WorkerConfig(
-            database={"dsn": dsn, "schema": "bench"},
-            queue={
-                "name": QUEUE,
-                "concurrency": concurrency,
-                "prefetch": concurrency if self.prefetch else 0,
-            },
+        return WorkerConfig.model_validate(
+            {
+                "database": {"dsn": dsn, "schema": "bench"},
+                "queue": {
+                    "name": QUEUE,
+                    "concurrency": concurrency,
+                    "prefetch": concurrency if self.prefetch else 0,
+                },
+            }
         )
 
     def settings(self, concurrency: int, processes: int) -> str:
@@ -428,13 +431,20 @@ class ProcrastinateLib(Lib):
         return _R()
 
 
-LIBS: dict[str, Lib] = {
-    lib.key: lib
-    for lib in (
+def _all_libs() -> dict[str, Lib]:
+    # Imported here: _libs_more builds on the classes above.
+    from _libs_more import ChancyLib, ObanLib
+
+    libs = (
         ProcrastinateLib(),
         PgQueuerLib("asyncpg"),
         PgQueuerLib("psycopg"),
+        ChancyLib(),
+        ObanLib(),
         WorkerCoreLib(prefetch=False),
         WorkerCoreLib(prefetch=True),
     )
-}
+    return {lib.key: lib for lib in libs}
+
+
+LIBS: dict[str, Lib] = _all_libs()
