@@ -184,12 +184,16 @@ async def _connect(config: WorkerConfig, timeout: float) -> AsyncIterator[Queue]
 
     from .queue import Queue
 
+    dsn = config.dsn()
     conn = await AsyncConnection.connect(
-        config.dsn(),
+        dsn,
         autocommit=True,
         prepare_threshold=config.database.prepare_threshold,
-        connect_timeout=max(1, math.ceil(timeout)),
         application_name=f"{config.database.application_name}.health"[:63],
+        **{
+            **config.database.connection_params(dsn),
+            "connect_timeout": max(1, math.ceil(timeout)),
+        },
     )
     try:
         pool = cast("AsyncConnectionPool", _OneConnection(conn))
