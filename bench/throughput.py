@@ -119,7 +119,8 @@ class LatencyWorker(BaseWorker):
 
 
 async def ready(worker: BaseWorker) -> bool:
-    return worker.listener_connected and worker.last_claim_at is not None
+    snapshot = worker.snapshot()
+    return snapshot.listener_connected and snapshot.last_claim_at is not None
 
 
 async def latency(dsn: str, samples: int) -> list[float]:

@@ -96,6 +96,11 @@ with warnings.catch_warnings():
         dsn: Dsn | None = Field(
             default=None, description="postgresql:// URL or libpq key=value string"
         )
+        listen_dsn: Dsn | None = Field(
+            default=None,
+            description="DSN of the LISTEN connection only (a direct server address when "
+            "dsn goes through PgBouncer in transaction mode); default: dsn",
+        )
         schema: str = Field(  # type: ignore[assignment]
             default="worker_core",
             description="schema holding every table; two schemas are two isolated installs",
@@ -110,7 +115,7 @@ with warnings.catch_warnings():
         )
         application_name: str = Field(default="worker_core", max_length=63)
 
-        @field_validator("dsn", mode="before")
+        @field_validator("dsn", "listen_dsn", mode="before")
         @classmethod
         def _check_dsn(cls, value: Any) -> Any:
             if value is None or isinstance(value, SecretStr):
@@ -199,6 +204,28 @@ class QueueSettings(_Section):
     )
     max_payload_bytes: int = Field(default=1 << 20, ge=1024)
     enqueue_batch_size: int = Field(default=10_000, ge=1)
+    max_state_bytes: int = Field(
+        default=1 << 20,
+        ge=1024,
+        le=256 << 20,
+        description="largest stage state (JSON bytes) a job may store; a job whose state "
+        "grows past it is dead-lettered with the reason",
+    )
+    stall_warning_seconds: float | None = Field(
+        default=1.0,
+        gt=0,
+        le=3600,
+        allow_inf_nan=False,
+        description="log a warning naming the job and stage when the event loop is "
+        "blocked this long (counted in metrics); None turns the watchdog off",
+    )
+    offload_processes: int | None = Field(
+        default=None,
+        ge=1,
+        le=1024,
+        description="processes of the pool behind ctx.offload(..., process=True), "
+        "started on first use; default: the CPU count",
+    )
 
     @field_validator("name")
     @classmethod
@@ -420,12 +447,13 @@ class WorkerConfig(BaseSettings):
     def secrets(self) -> list[str]:
         """Every secret value in this config (for scrubbing text that may quote them)."""
         found: list[str] = []
-        if self.database.dsn is not None:
-            from psycopg.conninfo import conninfo_to_dict
+        for dsn in (self.database.dsn, self.database.listen_dsn):
+            if dsn is not None:
+                from psycopg.conninfo import conninfo_to_dict
 
-            password = conninfo_to_dict(self.database.dsn.get_secret_value()).get("password")
-            if password:
-                found.append(str(password))
+                password = conninfo_to_dict(dsn.get_secret_value()).get("password")
+                if password:
+                    found.append(str(password))
         for secret in (
             self.storage.secret_access_key,
             self.storage.access_key_id,
@@ -443,3 +471,9 @@ class WorkerConfig(BaseSettings):
                 "or set WORKER_CORE_DATABASE__DSN"
             )
         return self.database.dsn.get_secret_value()
+
+    def listen_dsn(self) -> str:
+        """The DSN of the LISTEN connection: ``database.listen_dsn``, else ``dsn()``."""
+        if self.database.listen_dsn is not None:
+            return self.database.listen_dsn.get_secret_value()
+        return self.dsn()

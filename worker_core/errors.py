@@ -16,6 +16,7 @@ error record, so keep it small and JSON-serialisable.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 __all__ = [
@@ -60,14 +61,14 @@ class RetryableError(WorkerCoreError):
     """Try again later without consuming an attempt (rate limits, a service asking to wait).
 
     Args:
-        retry_after: seconds to wait; ``None`` means use the worker's backoff.
+        retry_after: seconds to wait; ``None`` means use the worker's backoff. A
+            negative value is read as 0; one that is not a finite number (NaN, inf,
+            text) as ``None``, so a garbled header cannot park a job forever.
     """
 
     def __init__(self, message: str = "", *, retry_after: float | None = None, **detail: Any):
         super().__init__(message, **detail)
-        if retry_after is not None and retry_after < 0:
-            retry_after = 0.0
-        self.retry_after = retry_after
+        self.retry_after = _seconds(retry_after)
 
 
 class CircuitOpenError(RetryableError):
@@ -89,3 +90,13 @@ class CircuitOpenError(RetryableError):
 
 class LeaseLostError(WorkerCoreError):
     """The job's lease moved to another worker (it was rescued); this run is void."""
+
+
+def _seconds(value: Any) -> float | None:
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return max(seconds, 0.0) if math.isfinite(seconds) else None

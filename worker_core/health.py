@@ -1,6 +1,7 @@
 """Health: the checks of a worker's components, their aggregation, and the report.
 
-``check_worker(worker)`` (what ``await worker.health()`` returns) checks the
+``check_worker(worker)`` (what ``await worker.health()`` returns) reads the
+worker's typed ``WorkerSnapshot`` and checks the
 database (a ``SELECT 1`` round trip within ``health.database_timeout``, plus the
 hygiene of the jobs table: dead tuples and the oldest transaction or snapshot
 holding back vacuum), the worker's loop, every circuit breaker, storage, and the
@@ -32,9 +33,11 @@ if TYPE_CHECKING:
     from psycopg import AsyncConnection
     from psycopg_pool import AsyncConnectionPool
 
+    from .breaker import CircuitBreaker
     from .config import WorkerConfig
     from .queue import Queue
     from .server import HealthServer as HealthServer
+    from .snapshot import WorkerSnapshot, WorkerView
 
 __all__ = [
     "ComponentHealth",
@@ -308,39 +311,41 @@ async def _database_checks(
 
 # -- worker ---------------------------------------------------------------------------
 def check_loop(
-    worker: Any, *, thresholds: HealthThresholds | None = None, now: float | None = None
+    snapshot: WorkerSnapshot,
+    config: WorkerConfig,
+    *,
+    thresholds: HealthThresholds | None = None,
+    now: float | None = None,
 ) -> ComponentHealth:
     """The claim loop: unhealthy when not running or silent past the stall limit;
     degraded while draining or when LISTEN is down past its grace period."""
-    config = worker.config
     thresholds = thresholds or HealthThresholds.from_config(config)
     now = time.monotonic() if now is None else now
     stall = thresholds.stall_seconds(config)
-    started = worker.started_at
-    last_loop = worker.last_loop_at
+    started = snapshot.started_at
+    last_loop = snapshot.last_loop_at
     if started is not None and last_loop is not None and last_loop < started:
         last_loop = None  # from a previous run()
-    last_claim = worker.last_claim_at
 
     def ago(t: float | None) -> float | None:
         return None if t is None else round(max(0.0, now - t), 3)
 
     detail: dict[str, Any] = {
-        "worker_id": worker.worker_id,
-        "running": bool(worker.is_running),
-        "draining": bool(worker.is_draining),
-        "in_flight": int(worker.in_flight),
+        "worker_id": snapshot.worker_id,
+        "running": snapshot.running,
+        "draining": snapshot.draining,
+        "in_flight": snapshot.in_flight,
         "concurrency": config.queue.concurrency,
         "seconds_since_loop": ago(last_loop),
-        "seconds_since_claim": ago(last_claim),
+        "seconds_since_claim": ago(snapshot.last_claim_at),
         "uptime_seconds": ago(started),
-        "listener_connected": bool(worker.listener_connected),
+        "listener_connected": snapshot.listener_connected,
     }
     status = HealthStatus.HEALTHY
     problem: str | None = None
-    if not worker.is_running:
+    if not snapshot.running:
         status, problem = HealthStatus.UNHEALTHY, "the worker is not running"
-    elif worker.is_draining:
+    elif snapshot.draining:
         status, problem = HealthStatus.DEGRADED, "draining: finishing in-flight jobs"
     elif last_loop is None:
         if started is not None and now - started > stall:
@@ -349,7 +354,7 @@ def check_loop(
         status = HealthStatus.UNHEALTHY
         problem = f"the claim loop has been stuck for {now - last_loop:.0f}s"
     elif (
-        not worker.listener_connected
+        not snapshot.listener_connected
         and started is not None
         and now - started > thresholds.listener_grace_seconds
     ):
@@ -359,14 +364,15 @@ def check_loop(
     return ComponentHealth(status, None, detail)
 
 
-def check_breaker(breaker: Any) -> ComponentHealth:
+def check_breaker(breaker: CircuitBreaker) -> ComponentHealth:
     """Closed: healthy; open or half-open (still probing): degraded."""
-    snapshot = getattr(breaker, "snapshot", None)
-    detail = dict(snapshot()) if callable(snapshot) else {}
-    state = str(getattr(breaker, "state", "closed"))
-    detail["state"] = state
-    detail.setdefault("retry_after", round(float(getattr(breaker, "retry_after", 0.0)), 3))
-    status = HealthStatus.HEALTHY if state == "closed" else HealthStatus.DEGRADED
+    from .breaker import CircuitState
+
+    detail = dict(breaker.snapshot())
+    state = breaker.state
+    detail["state"] = state.value
+    detail.setdefault("retry_after", round(breaker.retry_after, 3))
+    status = HealthStatus.HEALTHY if state is CircuitState.CLOSED else HealthStatus.DEGRADED
     return ComponentHealth(status, None, detail)
 
 
@@ -415,38 +421,36 @@ _BUILTIN = ("database", "worker")
 
 
 async def check_worker(
-    worker: Any,
+    worker: WorkerView,
     *,
     thresholds: HealthThresholds | None = None,
     clock: Callable[[], float] = time.monotonic,
 ) -> HealthReport:
     """The health of a worker: database, worker loop, ``breaker:<name>`` per breaker,
-    ``storage`` when the worker has one, and its ``health_checks``."""
+    and the checks added with ``add_health_check`` (``storage`` among them when the
+    worker has storage)."""
     config = worker.config
+    snapshot = worker.snapshot()
     thresholds = thresholds or HealthThresholds.from_config(config)
     secrets = config.secrets()
     timeout = thresholds.check_timeout or config.health.database_timeout
     started = time.perf_counter()
     checked_at = datetime.now(UTC)
 
-    checks: dict[str, Callable[[], Any]] = {}
-    storage = getattr(worker, "storage", None)
-    user_checks: Mapping[str, Check] = getattr(worker, "health_checks", None) or {}
-    if storage is not None and callable(getattr(storage, "health_check", None)):
-        checks["storage"] = storage.health_check
-    for name, check in user_checks.items():
-        checks[f"check:{name}" if name in _BUILTIN else name] = check  # a user's "storage" wins
+    checks: dict[str, Check] = {}
+    for name, check in snapshot.health_checks.items():
+        checks[f"check:{name}" if name in _BUILTIN else name] = check
 
     names = ["database", *checks]
     results = await asyncio.gather(
-        check_database(config, worker.queue, thresholds=thresholds),
+        check_database(config, snapshot.queue, thresholds=thresholds),
         *(run_check(check, timeout, secrets) for check in checks.values()),
     )
     components: dict[str, ComponentHealth] = {
         "database": results[0],
-        "worker": check_loop(worker, thresholds=thresholds, now=clock()),
+        "worker": check_loop(snapshot, config, thresholds=thresholds, now=clock()),
     }
-    for name, breaker in sorted(dict(worker.breakers).items()):
+    for name, breaker in sorted(snapshot.breakers.items()):
         components[f"breaker:{name}"] = check_breaker(breaker)
     for name, result in zip(names[1:], results[1:], strict=True):
         components[name] = result

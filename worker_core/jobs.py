@@ -9,7 +9,14 @@ Who moves a job between states (each arrow is one guarded SQL statement in
     running --permanent error / attempts exhausted--> dead  (the dead-letter queue)
     running --lease expired (worker died)--> queued, or dead when attempts are exhausted
     running --worker shut down before finishing--> queued   (attempt refunded)
+    running --cancel--> cancelled                           (the owning worker stops the run)
     queued --cancel--> cancelled          dead --requeue--> queued
+
+Every claim sets a fresh random ``lease_token``; every write of that run is fenced
+by ``status = 'running' AND lease_token = <the run's token>``. The ``finish``
+statement takes the event (a ``Transition``), not the status: it looks the new
+status up in ``TRANSITIONS``, so a status change the table does not allow is
+never written.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from __future__ import annotations
 import enum
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -25,11 +33,15 @@ from typing import Any
 from .errors import PayloadError
 
 __all__ = [
+    "DEFERRED",
+    "REFUNDED",
+    "RUN_EVENTS",
     "TRANSITIONS",
     "Job",
     "JobStatus",
     "Transition",
     "check_json",
+    "clean_text",
     "dump_json",
     "dump_json_objects",
 ]
@@ -40,13 +52,13 @@ class JobStatus(enum.StrEnum):
 
     #: Waiting to be claimed once ``run_at`` has come; moved in by enqueue, retry, rescue, requeue.
     QUEUED = "queued"
-    #: Claimed by one worker under a lease; only that worker (lease owner, attempt) may move it out.
+    #: Claimed by one worker under a lease; only that run (its lease token) may move it out.
     RUNNING = "running"
     #: Every stage completed; terminal (pruned by retention).
     SUCCEEDED = "succeeded"
     #: The dead-letter queue: permanent error or attempts exhausted; ``requeue`` brings it back.
     DEAD = "dead"
-    #: Cancelled by an operator before it ran; terminal.
+    #: Cancelled by an operator; terminal.
     CANCELLED = "cancelled"
 
     def __str__(self) -> str:
@@ -66,6 +78,7 @@ class Transition(enum.StrEnum):
     RELEASE = "release"  # worker shutting down: attempt refunded
     CANCEL = "cancel"
     REQUEUE = "requeue"
+    CHECKPOINT = "checkpoint"  # a running job records its stage and state; stays running
 
 
 _Q, _R, _S, _D, _C = (
@@ -86,9 +99,29 @@ TRANSITIONS: Mapping[tuple[JobStatus, Transition], JobStatus] = {
     (_R, Transition.RESCUE): _Q,
     (_R, Transition.RESCUE_DEAD): _D,
     (_R, Transition.RELEASE): _Q,
+    (_R, Transition.CANCEL): _C,
+    (_R, Transition.CHECKPOINT): _R,
     (_Q, Transition.CANCEL): _C,
     (_D, Transition.REQUEUE): _Q,
 }
+
+#: The events a run writes about itself (its outcomes, through ``finish``); the rest
+#: belong to producers, operators and rescue.
+RUN_EVENTS: frozenset[Transition] = frozenset(
+    {
+        Transition.CHECKPOINT,
+        Transition.SUCCEED,
+        Transition.RETRY,
+        Transition.DEFER,
+        Transition.BURY,
+        Transition.RELEASE,
+        Transition.CANCEL,
+    }
+)
+#: Events that give the attempt back (the run did not count as a try).
+REFUNDED: frozenset[Transition] = frozenset({Transition.DEFER, Transition.RELEASE})
+#: Events that count a deferral (bounded by ``retry.max_deferrals``).
+DEFERRED: frozenset[Transition] = frozenset({Transition.DEFER})
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +148,10 @@ class Job:
     dedupe_key: str | None = None
     lease_owner: str | None = None
     lease_expires_at: datetime | None = None
+    #: The token of the claim that runs the job now (None unless running).
+    lease_token: str | None = None
+    #: Error records dropped from the middle of ``errors`` to keep it bounded.
+    errors_dropped: int = 0
 
     @property
     def attempts_left(self) -> int:
@@ -148,21 +185,43 @@ class Job:
             dedupe_key=row.get("dedupe_key"),
             lease_owner=row.get("lease_owner"),
             lease_expires_at=row.get("lease_expires_at"),
+            lease_token=_text(row.get("lease_token")),
+            errors_dropped=row.get("errors_dropped") or 0,
         )
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+# NUL, which PostgreSQL text and jsonb refuse, and UTF-16 surrogates, which UTF-8
+# cannot encode: in a Python str every surrogate is a lone one (json.loads('"\\ud83d"')).
+_UNSTORABLE = re.compile(r"[\x00\ud800-\udfff]")
+
+
+def clean_text(text: str) -> str:
+    """``text`` with NUL and lone surrogates replaced by U+FFFD, so PostgreSQL can store it."""
+    if "\x00" not in text and text.isascii():
+        return text
+    return _UNSTORABLE.sub("\ufffd", text)
+
+
+def _unstorable(text: str) -> bool:
+    return "\x00" in text or (not text.isascii() and _UNSTORABLE.search(text) is not None)
 
 
 def dump_json(value: Any, what: str = "payload", *, max_bytes: int | None = None) -> str:
     """Serialise ``value`` for a jsonb column, or raise ``PayloadError`` naming the bad key.
 
-    PostgreSQL's jsonb refuses NaN/Infinity and the NUL character, so they are
-    refused here, before any SQL runs.
+    PostgreSQL's jsonb refuses NaN/Infinity and the NUL character, and UTF-8 cannot
+    encode a lone surrogate, so they are refused here, before any SQL runs.
     """
     try:
         text = json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
     except (TypeError, ValueError, RecursionError) as exc:
         check_json(value, what)  # raises with the path of the offending value
         raise PayloadError(f"{what} is not JSON-serialisable: {exc}") from exc
-    if "\\u0000" in text:
+    if "\\u0000" in text or _unstorable(text):
         check_json(value, what)
     if max_bytes is not None and len(text) > max_bytes // 4 and len(text.encode()) > max_bytes:
         raise PayloadError(
@@ -201,7 +260,7 @@ def dump_json_objects(
     except (TypeError, ValueError, RecursionError):
         _name_the_bad_item(items, label, max_bytes, offset)
         raise
-    if "\\u0000" in text:
+    if "\\u0000" in text or _unstorable(text):
         _name_the_bad_item(items, label, max_bytes, offset)
     if max_bytes is not None and len(text) > max_bytes // 4 and len(text.encode()) > max_bytes:
         # Some item may be over the limit: check in slices, one by one only where needed.
@@ -239,6 +298,11 @@ def check_json(value: Any, what: str = "payload") -> None:
         if isinstance(item, str):
             if "\x00" in item:
                 raise PayloadError(f"{path} contains a NUL character, which PostgreSQL refuses")
+            if _unstorable(item):
+                raise PayloadError(
+                    f"{path} contains a lone UTF-16 surrogate (half of a character), "
+                    "which UTF-8 cannot encode"
+                )
             continue
         if isinstance(item, Mapping):
             for key, sub in item.items():
@@ -246,8 +310,10 @@ def check_json(value: Any, what: str = "payload") -> None:
                     raise PayloadError(
                         f"{path} has a key {key!r} of type {type(key).__name__}; keys must be str"
                     )
-                if "\x00" in key:
-                    raise PayloadError(f"{path} has a key containing a NUL character")
+                if _unstorable(key):
+                    raise PayloadError(
+                        f"{path} has a key containing a NUL character or a lone surrogate"
+                    )
                 stack.append((sub, f"{path}[{key!r}]", depth + 1))
             continue
         if isinstance(item, list | tuple):

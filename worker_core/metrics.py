@@ -22,12 +22,13 @@ import threading
 import time
 import weakref
 from bisect import bisect_left
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from .queue import Queue
+    from .snapshot import WorkerView
 
 __all__ = [
     "MetricFamily",
@@ -107,6 +108,8 @@ class ProcessingMetrics:
         self.vacuums = 0
         self.claimed = 0
         self.in_flight = 0
+        self.loop_stalls = 0
+        self.unstorable = 0
         # Attempt durations by outcome: succeeded, retried, deferred, dead.
         self._jobs = {name: _Histogram() for name in ("succeeded", *_OUTCOMES)}
         self._claims = _Histogram()
@@ -158,6 +161,14 @@ class ProcessingMetrics:
     def jobs_rescued(self, n: int) -> None:
         self.rescued += n
 
+    def loop_stalled(self) -> None:
+        """The event loop was blocked past ``queue.stall_warning_seconds``."""
+        self.loop_stalls += 1
+
+    def outcome_unstorable(self) -> None:
+        """An outcome could not be written; its job was dead-lettered instead."""
+        self.unstorable += 1
+
     def jobs_pruned(self, n: int) -> None:
         """Finished jobs deleted by retention."""
         self.pruned += n
@@ -196,7 +207,8 @@ class ProcessingMetrics:
 
     def summary(self) -> dict[str, Any]:
         """Counts and averages: processed, failed, total, retried, deferred, dead_lettered,
-        avg_seconds, stages, errors (plus released, leases_lost, rescued, claimed, in_flight)."""
+        avg_seconds, stages, errors (plus released, leases_lost, rescued, claimed, in_flight,
+        loop_stalls, unstorable)."""
         attempts = sum(h.count for h in self._jobs.values())
         seconds = sum(h.sum for h in self._jobs.values())
         return {
@@ -227,9 +239,13 @@ class ProcessingMetrics:
             "vacuums": self.vacuums,
             "claimed": self.claimed,
             "in_flight": self.in_flight,
+            "loop_stalls": self.loop_stalls,
+            "unstorable": self.unstorable,
         }
 
-    def collector(self, *, worker: Any = None, queue: Queue | None = None) -> MetricsCollector:
+    def collector(
+        self, *, worker: WorkerView | None = None, queue: Queue | None = None
+    ) -> MetricsCollector:
         """This object's ``MetricsCollector`` (one per ProcessingMetrics; ``worker`` and
         ``queue``, when given, are remembered for later scrapes)."""
         if self._collector is None:
@@ -334,8 +350,8 @@ _POOL_COUNTERS = (
 class MetricsCollector:
     """Metric families of one ``ProcessingMetrics``, its worker and its database.
 
-    Counters and histograms come from the metrics object; breakers, in-flight,
-    liveness and pool statistics from the worker when scraped; queue depth, the age
+    Counters and histograms come from the metrics object; breakers, liveness and
+    pool statistics from the worker's ``snapshot()`` when scraped; queue depth, the age
     of the oldest ready job and table hygiene from the last ``await refresh()``
     (values older than ``stale_after`` seconds are left out rather than shown stale).
     It is a prometheus-client collector (``collect``/``describe``) too.
@@ -345,7 +361,7 @@ class MetricsCollector:
         self,
         metrics: ProcessingMetrics,
         *,
-        worker: Any = None,
+        worker: WorkerView | None = None,
         queue: Queue | None = None,
         namespace: str = "worker_core",
         stale_after: float = 300.0,
@@ -353,13 +369,13 @@ class MetricsCollector:
         self.metrics = metrics
         self.namespace = namespace
         self.stale_after = stale_after
-        self._worker: Any = None
+        self._worker: Callable[[], WorkerView | None] | None = None
         self._queue = queue
         self._db: tuple[float, dict[str, float], dict[str, Any]] | None = None
         self._db_up: float | None = None
         self.attach(worker=worker, queue=queue)
 
-    def attach(self, *, worker: Any = None, queue: Queue | None = None) -> None:
+    def attach(self, *, worker: WorkerView | None = None, queue: Queue | None = None) -> None:
         if worker is not None:
             try:  # a weak reference: metrics must not keep a finished worker alive
                 self._worker = weakref.ref(worker)
@@ -369,13 +385,13 @@ class MetricsCollector:
             self._queue = queue
 
     @property
-    def worker(self) -> Any:
+    def worker(self) -> WorkerView | None:
         return self._worker() if self._worker is not None else None
 
     def _current_queue(self) -> Queue | None:
         worker = self.worker
         if worker is not None:
-            queue: Queue | None = getattr(worker, "queue", None)
+            queue = worker.snapshot().queue
             if queue is not None:
                 return queue
         return self._queue
@@ -404,13 +420,18 @@ class MetricsCollector:
         m, fam = self.metrics, self._family
         q: Labels = (("queue", m.queue),)
         jobs = fam("jobs", "counter", "Jobs by outcome: succeeded, retried, deferred, dead "
-                   "(attempts), released, lease_lost, rescued, pruned.")  # fmt: skip
+                   "(attempts), released, lease_lost, rescued, pruned, unstorable.")  # fmt: skip
         for outcome, value in (
             ("succeeded", m.processed), ("retried", m.retried), ("deferred", m.deferred),
             ("dead", m.dead_lettered), ("released", m.released),
             ("lease_lost", m.leases_lost), ("rescued", m.rescued), ("pruned", m.pruned),
+            ("unstorable", m.unstorable),
         ):  # fmt: skip
             jobs.add((*q, ("outcome", outcome)), value)
+        stalls = fam(
+            "event_loop_stalls", "counter", "Event loop blocked past queue.stall_warning_seconds."
+        )
+        stalls.add(q, m.loop_stalls)
         claimed = fam("jobs_claimed", "counter", "Jobs claimed from the queue.")
         claimed.add(q, m.claimed)
         vacuums = fam("table_vacuums", "counter", "VACUUMs of the jobs table run by this worker.")
@@ -429,7 +450,7 @@ class MetricsCollector:
         claims.add_histogram(q, m._claims)
         in_flight = fam("jobs_in_flight", "gauge", "Jobs running in this process now.")
         in_flight.add(q, m.in_flight)
-        out = [jobs, claimed, errors, durations, stages, claims, in_flight]
+        out = [jobs, claimed, stalls, errors, durations, stages, claims, in_flight]
         out += self._breaker_families(q)
         out += self._worker_families(q)
         out += self._database_families(q)
@@ -447,10 +468,10 @@ class MetricsCollector:
         )
         states = dict(self.metrics._breaker_states)
         worker = self.worker
-        breakers = getattr(worker, "breakers", None) if worker is not None else None
-        if breakers:
-            for name, breaker in list(breakers.items())[:_MAX_BREAKERS]:
-                states[str(name)[:_MAX_NAME]] = str(getattr(breaker, "state", "closed"))
+        if worker is not None:
+            breakers = list(worker.snapshot().breakers.items())
+            for name, breaker in breakers[:_MAX_BREAKERS]:
+                states[str(name)[:_MAX_NAME]] = breaker.state.value
         for name, value in states.items():
             state.add((*q, ("breaker", name)), _BREAKER_VALUE.get(value, 2.0))
         changes = fam("breaker_transitions", "counter", "Circuit state changes by new state.")
@@ -463,25 +484,24 @@ class MetricsCollector:
         worker = self.worker
         if worker is None:
             return []
+        snapshot = worker.snapshot()
         now = time.monotonic()
         running = fam("worker_running", "gauge", "1 while the worker runs.")
-        running.add(q, float(bool(getattr(worker, "is_running", False))))
+        running.add(q, float(snapshot.running))
         draining = fam("worker_draining", "gauge", "1 while the worker shuts down.")
-        draining.add(q, float(bool(getattr(worker, "is_draining", False))))
+        draining.add(q, float(snapshot.draining))
         out = [running, draining]
-        last_claim = getattr(worker, "last_claim_at", None)
-        if last_claim is not None:
+        if snapshot.last_claim_at is not None:
             age = fam("last_claim_age_seconds", "gauge", "Seconds since the last claim.", "max")
-            age.add(q, max(0.0, now - last_claim))
+            age.add(q, max(0.0, now - snapshot.last_claim_at))
             out.append(age)
-        queue = getattr(worker, "queue", None)
         pool = None
-        if queue is not None:
+        if snapshot.queue is not None:
             try:
-                pool = queue.pool
+                pool = snapshot.queue.pool
             except RuntimeError:
                 pool = None
-        if pool is not None and hasattr(pool, "get_stats"):
+        if pool is not None:
             stats = pool.get_stats()
             for key in _POOL_GAUGES:
                 g = fam(f"pool_{key.removeprefix('pool_')}", "gauge", f"psycopg pool {key}.")
@@ -571,7 +591,7 @@ _hubs_lock = threading.Lock()
 
 
 def register_metrics(
-    metrics: ProcessingMetrics, registry: Any = None, *, worker: Any = None
+    metrics: ProcessingMetrics, registry: Any = None, *, worker: WorkerView | None = None
 ) -> MetricsCollector:
     """Export ``metrics`` (and ``worker``'s live state) through a prometheus-client registry.
 

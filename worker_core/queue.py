@@ -1,9 +1,11 @@
 """Queue: the producer's and operator's handle, and the only module that runs queue SQL.
 
-Producers ``enqueue``; operators ``get``, ``stats``, ``dead_letters``, ``requeue``
-and ``cancel``; ``migrate`` installs or upgrades the schema. The worker protocol
-methods (``claim``, ``heartbeat``, ``finish``, ``rescue``, ``prune``) are what
-``BaseWorker`` drives; they are public so other runtimes can drive them too.
+Producers ``enqueue``; operators ``get``, ``stats``, ``dead_letters``, ``requeue``,
+``cancel`` and ``rescue``; ``migrate`` installs or upgrades the schema. The worker
+protocol methods (``claim``, ``heartbeat``, ``finish``, ``rescue_expired``,
+``prune``) are what ``BaseWorker`` drives; they are public so other runtimes can
+drive them too. Every claim hands out a lease token; ``heartbeat`` and ``finish``
+are fenced by it (see ``worker_core.outcomes``).
 """
 
 from __future__ import annotations
@@ -11,9 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -23,8 +24,18 @@ from psycopg.rows import dict_row
 from psycopg.types.json import set_json_loads
 
 from .config import WorkerConfig
-from .jobs import Job, JobStatus, dump_json, dump_json_objects
+from .jobs import (
+    DEFERRED,
+    REFUNDED,
+    RUN_EVENTS,
+    TRANSITIONS,
+    Job,
+    JobStatus,
+    dump_json,
+    dump_json_objects,
+)
 from .logs import StructuredLogger
+from .outcomes import MAX_ERROR_RECORDS, Outcome
 from .redact import mask_dsn
 from .sql import load_queries, migrations, render
 
@@ -38,6 +49,7 @@ __all__ = [
     "breaker_channel_name",
     "channel_name",
     "open_pool",
+    "outcomes_json",
 ]
 
 _ON_CONFLICT = sql.SQL(
@@ -60,26 +72,6 @@ def breaker_channel_name(schema: str) -> str:
     if len(name) > 63:
         name = "worker_core_b_" + hashlib.sha1(schema.encode()).hexdigest()
     return name
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """One fenced write of the ``finish`` statement.
-
-    ``status`` is where the job goes (``running`` for a checkpoint); ``state`` and
-    ``error`` are JSON text (``state=None`` keeps the stored state); ``delay``
-    sets ``run_at = now() + delay`` on the database clock.
-    """
-
-    id: int
-    attempt: int
-    status: JobStatus
-    stage: str | None
-    state: str | None = None
-    refund: int = 0
-    deferred: int = 0
-    delay: float | None = None
-    error: str | None = None
 
 
 async def open_pool(
@@ -178,8 +170,9 @@ class Queue:
         self._pool = pool
         self._owns_pool = pool is None
         queries = load_queries()
+        parts = {"on_conflict": sql.SQL(""), "transitions": _transitions()}
         self._sql: dict[str, bytes] = {
-            name: render(text, self.schema, on_conflict=sql.SQL("")).as_bytes(None)
+            name: render(text, self.schema, **parts).as_bytes(None)
             for name, text in queries.items()
         }
         self._sql["enqueue_dedupe"] = render(
@@ -567,7 +560,8 @@ class Queue:
         queue: str | None = None,
         connection: AsyncConnection[Any] | None = None,
     ) -> list[Job]:
-        """Claim up to ``limit`` ready jobs for ``owner`` under a lease."""
+        """Claim up to ``limit`` ready jobs for ``owner`` under a lease; each comes back
+        with a fresh ``lease_token`` that fences every later write of this run."""
         async with self.connection(connection) as conn:
             cur = await conn.execute(
                 self._sql["claim"],
@@ -580,46 +574,60 @@ class Queue:
             )
             return [Job.from_claim(row) for row in await cur.fetchall()]
 
-    async def heartbeat(self, owner: str, ids: Sequence[int], *, lease_seconds: float) -> set[int]:
-        """Renew ``owner``'s leases on ``ids``; returns the ids still held."""
-        if not ids:
+    async def heartbeat(
+        self, leases: Iterable[tuple[int, str]], *, lease_seconds: float
+    ) -> set[str]:
+        """Renew the leases ``(job id, lease token)``; returns the tokens still held."""
+        pairs = list(leases)
+        if not pairs:
             return set()
         async with self.connection() as conn:
             cur = await conn.execute(
                 self._sql["heartbeat"],
-                {"ids": list(ids), "owner": owner, "lease": float(lease_seconds)},
+                {
+                    "ids": [job_id for job_id, _ in pairs],
+                    "tokens": [token for _, token in pairs],
+                    "lease": float(lease_seconds),
+                },
             )
             return {r[0] for r in await cur.fetchall()}
 
     async def finish(
         self,
-        owner: str,
         outcomes: Sequence[Outcome],
         *,
         connection: AsyncConnection[Any] | None = None,
-    ) -> set[int]:
-        """Write a batch of outcomes, each fenced by owner and attempt; returns ids written.
+    ) -> set[str]:
+        """Write a batch of outcomes, each fenced by its run's lease token; returns the
+        tokens whose outcome was written.
 
-        An id missing from the result was rescued and claimed by someone else: its
-        outcome was rejected.
+        A token missing from the result lost its lease (the job was rescued, maybe
+        claimed again): its outcome was rejected. At most one outcome per token.
         """
         if not outcomes:
             return set()
-        params = {"owner": owner, "outcomes": _outcomes_json(outcomes)}
+        params = {"outcomes": outcomes_json(outcomes), "keep_errors": MAX_ERROR_RECORDS}
         async with self.connection(connection) as conn:
             cur = await conn.execute(self._sql["finish"], params)
             written = {r[0] for r in await cur.fetchall()}
-            queued = {o.id for o in outcomes if o.status is JobStatus.QUEUED and not o.delay}
-            if queued & written:
+            if any(o.token in written and _wakes(o) for o in outcomes):
                 await conn.execute(
                     self._sql["notify"], {"channel": self.channel, "queue": self.config.queue.name}
                 )
         return written
 
-    async def rescue(self, limit: int = 1000) -> list[tuple[int, str, JobStatus]]:
-        """Return expired-lease jobs (any queue of the schema) to queued, or dead."""
+    async def rescue(self, limit: int = 1000) -> int:
+        """Return jobs whose lease expired (their worker died or hung) to queued, or to
+        dead when their attempts are spent; returns how many moved. Any queue of the
+        schema; workers call it periodically, operators may call it any time."""
+        return len(await self.rescue_expired(limit))
+
+    async def rescue_expired(self, limit: int = 1000) -> list[tuple[int, str, JobStatus]]:
+        """``rescue``, returning ``(job id, queue, new status)`` of each job moved."""
         async with self.connection() as conn:
-            cur = await conn.execute(self._sql["rescue"], {"limit": int(limit)})
+            cur = await conn.execute(
+                self._sql["rescue"], {"limit": int(limit), "keep_errors": MAX_ERROR_RECORDS}
+            )
             rows = [(r[0], r[1], JobStatus(r[2])) for r in await cur.fetchall()]
             for queue in sorted({q for _, q, s in rows if s is JobStatus.QUEUED}):
                 await conn.execute(self._sql["notify"], {"channel": self.channel, "queue": queue})
@@ -723,20 +731,50 @@ class Queue:
         return name
 
 
-def _outcomes_json(outcomes: Sequence[Outcome]) -> str:
-    """The ``finish`` batch as one JSON array: state and error are JSON texts already,
-    so they are spliced in rather than parsed and serialised again."""
+def outcomes_json(outcomes: Sequence[Outcome]) -> str:
+    """The ``finish`` batch as one JSON array of objects (the fields of ``Outcome``).
+
+    State and error are JSON texts already, so they are spliced in rather than parsed
+    and serialised again. Raises ``ValueError`` for a delay that is not finite.
+    """
     dumps = json.dumps
+    rows = []
     for o in outcomes:
-        if o.delay is not None and not math.isfinite(o.delay):
-            raise ValueError(f"job {o.id}: outcome delay must be finite, got {o.delay!r}")
-    rows = [
-        f'[{o.id},{o.attempt},"{o.status.value}",{dumps(o.stage)},{o.state or "null"},'
-        f"{o.refund},{o.deferred},{'null' if o.delay is None else repr(float(o.delay))},"
-        f"{o.error or 'null'}]"
-        for o in outcomes
-    ]
+        if o.delay is None:
+            delay = "null"
+        elif math.isfinite(o.delay):
+            delay = repr(float(o.delay))
+        else:
+            raise ValueError(f"job {o.job_id}: outcome delay must be finite, got {o.delay!r}")
+        rows.append(
+            f'{{"id":{int(o.job_id)},"token":{dumps(o.token)},"event":"{o.event.value}",'
+            f'"stage":{dumps(o.stage, ensure_ascii=False)},"state":{o.state or "null"},'
+            f'"delay":{delay},"error":{o.error or "null"}}}'
+        )
     return f"[{','.join(rows)}]"
+
+
+def _wakes(outcome: Outcome) -> bool:
+    """A queued job ready now: idle workers should hear of it."""
+    to = TRANSITIONS.get((JobStatus.RUNNING, outcome.event))
+    return to is JobStatus.QUEUED and not outcome.delay
+
+
+def _transitions() -> sql.Composable:
+    """The rows of ``jobs.TRANSITIONS`` a run may write (``RUN_EVENTS``) as a VALUES
+    list: (from, event, to, refund, deferral)."""
+    rows = [
+        sql.SQL("({}, {}, {}, {}, {})").format(
+            sql.Literal(source.value),
+            sql.Literal(event.value),
+            sql.Literal(target.value),
+            sql.Literal(int(event in REFUNDED)),
+            sql.Literal(int(event in DEFERRED)),
+        )
+        for (source, event), target in TRANSITIONS.items()
+        if event in RUN_EVENTS
+    ]
+    return sql.SQL("(VALUES {})").format(sql.SQL(", ").join(rows))
 
 
 def _column(values: Sequence[Any] | None, n: int, name: str) -> list[Any]:

@@ -21,6 +21,7 @@ from .redact import redact_text
 
 if TYPE_CHECKING:
     from .metrics import MetricsCollector
+    from .snapshot import WorkerView
 
 __all__ = ["HealthServer"]
 
@@ -31,7 +32,8 @@ class HealthServer:
     """Serve ``/healthz``, ``/readyz``, ``/health`` and ``/metrics`` for ``worker``.
 
     Args:
-        worker: a ``BaseWorker`` (or any object with its health attributes).
+        worker: a ``BaseWorker``, or any ``WorkerView`` (config, worker_id, metrics and
+            a ``snapshot()``).
         host: the interface to bind.
         port: the port; 0 picks a free one (read ``port`` after ``start()``).
         registry: a prometheus-client ``CollectorRegistry`` to serve at ``/metrics``
@@ -44,7 +46,7 @@ class HealthServer:
 
     def __init__(
         self,
-        worker: Any,
+        worker: WorkerView,
         *,
         host: str = "127.0.0.1",
         port: int = 0,
@@ -78,7 +80,7 @@ class HealthServer:
         return f"http://{host}:{self.port}"
 
     def _collector(self) -> MetricsCollector:
-        return self.worker.metrics.collector(worker=self.worker)  # type: ignore[no-any-return]
+        return self.worker.metrics.collector(worker=self.worker)
 
     async def start(self) -> None:
         """Bind and serve; raises ``OSError`` when the port is taken."""
@@ -137,7 +139,9 @@ class HealthServer:
 
     async def _healthz(self, request: Any) -> Any:
         try:
-            loop = check_loop(self.worker, thresholds=self.thresholds)
+            loop = check_loop(
+                self.worker.snapshot(), self.worker.config, thresholds=self.thresholds
+            )
         except Exception as exc:
             return self._failure(exc)
         return self._json(
@@ -146,13 +150,13 @@ class HealthServer:
         )
 
     async def _readyz(self, request: Any) -> Any:
-        worker = self.worker
+        snapshot = self.worker.snapshot()
         try:
-            if not worker.is_running or worker.is_draining:
-                reason = "draining" if worker.is_running else "not running"
+            if not snapshot.running or snapshot.draining:
+                reason = "draining" if snapshot.running else "not running"
                 return self._json({"ready": False, "reason": reason}, ok=False)
             database = await check_database(
-                worker.config, worker.queue, hygiene=False, thresholds=self.thresholds
+                self.worker.config, snapshot.queue, hygiene=False, thresholds=self.thresholds
             )
         except Exception as exc:
             return self._failure(exc)

@@ -63,6 +63,8 @@ async def running(worker: BaseWorker, **run_kwargs: Any) -> AsyncIterator[asynci
     """
     run_kwargs.setdefault("install_signal_handlers", False)
     task = asyncio.create_task(worker.run(**run_kwargs))
+    # Let run() begin, so a stop() from the block, however early, reaches this run.
+    await asyncio.sleep(0)
     try:
         yield task
     finally:

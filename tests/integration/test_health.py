@@ -32,6 +32,7 @@ from worker_core.health import (
 from worker_core.logs import StructuredLogger, configure_logging, unconfigure_logging
 from worker_core.metrics import ProcessingMetrics
 from worker_core.server import HealthServer
+from worker_core.snapshot import HealthCheck, WorkerSnapshot
 from worker_core.testing import running
 
 PASSWORD = "Health-S3cret-pw"
@@ -39,7 +40,8 @@ MISSING_SOCKET = f"postgresql://ingest:{PASSWORD}@/postgres?host=/nonexistent/wc
 
 
 class FakeWorker:
-    """The attributes of BaseWorker that health and metrics read."""
+    """A ``WorkerView`` whose state a test sets field by field; health and metrics
+    read it only through ``snapshot()``, as they read a BaseWorker."""
 
     def __init__(self, config: WorkerConfig, queue: Queue | None) -> None:
         now = time.monotonic()
@@ -49,7 +51,7 @@ class FakeWorker:
         self.metrics = ProcessingMetrics(config.queue.name)
         self.logger = StructuredLogger("worker_core.worker", worker_id=self.worker_id)
         self.breakers: dict[str, CircuitBreaker] = {}
-        self.health_checks: dict[str, Callable[[], Any]] = {}
+        self.health_checks: dict[str, HealthCheck] = {}
         self.is_running = True
         self.is_draining = False
         self.started_at: float | None = now
@@ -58,8 +60,24 @@ class FakeWorker:
         self.in_flight = 0
         self.listener_connected = True
 
-    def add_health_check(self, name: str, check: Callable[[], Any]) -> None:
+    def add_health_check(self, name: str, check: HealthCheck) -> None:
         self.health_checks[name] = check
+
+    def snapshot(self) -> WorkerSnapshot:
+        return WorkerSnapshot(
+            self.worker_id,
+            running=self.is_running,
+            draining=self.is_draining,
+            started_at=self.started_at,
+            last_loop_at=self.last_loop_at,
+            last_claim_at=self.last_claim_at,
+            in_flight=self.in_flight,
+            concurrency=self.config.queue.concurrency,
+            listener_connected=self.listener_connected,
+            queue=self.queue,
+            breakers=self.breakers,
+            health_checks=self.health_checks,
+        )
 
 
 def assert_no_secret(report: HealthReport) -> None:
@@ -184,7 +202,7 @@ async def test_user_checks_and_storage(queue: Queue, config: WorkerConfig) -> No
         async def health_check(self) -> None:
             return None
 
-    worker.storage = Storage()  # type: ignore[attr-defined]
+    worker.add_health_check("storage", Storage().health_check)  # as DocumentWorker does
     worker.add_health_check("ok", lambda: asyncio.sleep(0))
     worker.add_health_check("stats", lambda: asyncio.sleep(0, result={"rows": 3}))
     worker.add_health_check("lagging", degraded)

@@ -12,6 +12,11 @@ from psycopg import AsyncConnection, sql
 from psycopg.conninfo import make_conninfo
 
 from worker_core import BaseWorker, JobStatus, Queue, StageContext, WorkerConfig
+from worker_core._maintenance import Maintenance
+from worker_core.logs import StructuredLogger
+from worker_core.metrics import ProcessingMetrics
+from worker_core.outcomes import bury, succeed
+from worker_core.queue import outcomes_json
 from worker_core.testing import wait_for
 
 
@@ -50,6 +55,14 @@ async def finish_all(queue: Queue, config: WorkerConfig) -> None:
     await NoopWorker(config).run(until_empty=True, install_signal_handlers=False)
 
 
+def maintenance(
+    queue: Queue, config: WorkerConfig, metrics: ProcessingMetrics | None = None
+) -> Maintenance:
+    """The component a running worker prunes and vacuums with, on ``queue``."""
+    metrics = metrics or ProcessingMetrics(config.queue.name)
+    return Maintenance(queue, config, metrics, StructuredLogger("worker_core.worker"))
+
+
 async def test_prune_respects_retention_per_status(
     queue: Queue, make_config: Callable[..., WorkerConfig]
 ) -> None:
@@ -60,8 +73,7 @@ async def test_prune_respects_retention_per_status(
     cancelled = await queue.enqueue({"c": 1})
     assert await queue.cancel(cancelled)
     await backdate(queue, [*old, cancelled], 7200)
-    worker = NoopWorker(config)
-    worker.queue = queue
+    worker = maintenance(queue, config)
     assert await worker.prune() == 31  # five batches of 7, the last one short
     for job_id in old:
         assert await queue.get(job_id) is None
@@ -79,8 +91,7 @@ async def test_prune_catches_up_beyond_any_fixed_number_of_batches(
     config = make_config(maintenance={"retention_seconds": 60, "batch_size": 2})
     await finish_all(queue, config)
     await backdate(queue, ids, 3600)
-    worker = NoopWorker(config)
-    worker.queue = queue
+    worker = maintenance(queue, config)
     assert await worker.prune(max_batches=3) == 6  # an explicit cap still holds
     assert await worker.prune() == 44  # 22 full batches: more than the old cap of 20
     assert (await queue.stats())["succeeded"] == 0
@@ -89,9 +100,7 @@ async def test_prune_catches_up_beyond_any_fixed_number_of_batches(
 async def test_dead_jobs_are_kept_unless_configured(queue: Queue) -> None:
     [job_id] = await queue.enqueue_many([{}])
     [job] = await queue.claim("w", 1, lease_seconds=30)
-    from worker_core.queue import Outcome
-
-    await queue.finish("w", [Outcome(job.id, job.attempt, JobStatus.DEAD, None, error="{}")])
+    await queue.finish([bury(job, stage=None, state=None, error="{}")])
     await backdate(queue, [job_id], 10 * 86400)
     assert await queue.prune(retention_seconds=60, dead_retention_seconds=None) == 0
     assert await queue.prune(retention_seconds=60, dead_retention_seconds=86400) == 1
@@ -133,6 +142,47 @@ async def test_claim_uses_the_partial_index_with_a_large_backlog(queue: Queue) -
     assert all("ready" in j.payload for j in jobs)
 
 
+async def test_heartbeat_and_finish_find_rows_by_primary_key_with_a_large_backlog(
+    queue: Queue,
+) -> None:
+    # 200,000 finished jobs and 20,000 running ones (other workers' leases): the
+    # token fence also names status 'running', which must not lead the planner to
+    # the partial lease index (and its dead entries) instead of the primary key.
+    await execute(
+        queue,
+        "INSERT INTO {schema}.jobs (queue, status, payload, finished_at) "
+        "SELECT 'test', 'succeeded', '{{}}', now() FROM generate_series(1, 200000)",
+    )
+    await execute(
+        queue,
+        "INSERT INTO {schema}.jobs (queue, status, payload, attempt, lease_owner, lease_token, "
+        "lease_expires_at) SELECT 'test', 'running', '{{}}', 1, 'other', gen_random_uuid(), "
+        "now() + interval '1 hour' FROM generate_series(1, 20000)",
+    )
+    await queue.enqueue_many([{"mine": i} for i in range(20)])
+    await execute(queue, "ANALYZE {schema}.jobs")
+    jobs = await queue.claim("w", 20, lease_seconds=30)
+    leases = [(j.id, j.lease_token or "") for j in jobs]
+    async with queue.connection() as conn:
+        cur = await conn.execute(
+            b"EXPLAIN " + queue._sql["heartbeat"],
+            {"ids": [i for i, _ in leases], "tokens": [t for _, t in leases], "lease": 30.0},
+        )
+        heartbeat = "\n".join(r[0] for r in await cur.fetchall())
+        cur = await conn.execute(
+            b"EXPLAIN " + queue._sql["finish"],
+            {
+                "outcomes": outcomes_json([succeed(j, stage=None, state=None) for j in jobs]),
+                "keep_errors": 16,
+            },
+        )
+        finish = "\n".join(r[0] for r in await cur.fetchall())
+    for plan in (heartbeat, finish):
+        assert "jobs_pkey" in plan, plan
+        assert "jobs_lease_idx" not in plan and "Seq Scan on jobs" not in plan, plan
+    assert await queue.heartbeat(leases, lease_seconds=30) == {t for _, t in leases}
+
+
 async def _explain(queue: Queue) -> list[str]:
     """The plan of the worker's own claim statement, as it runs."""
     async with queue.connection() as conn:
@@ -157,12 +207,11 @@ async def test_vacuum_runs_over_the_threshold_and_once_across_the_fleet(
 ) -> None:
     await make_dead_rows(queue, 1500)
 
-    idle = NoopWorker(make_config(maintenance={"vacuum_dead_rows": 1_000_000}))
-    idle.queue = queue
+    idle = maintenance(queue, make_config(maintenance={"vacuum_dead_rows": 1_000_000}))
     assert await idle.vacuum() is None  # under its threshold
 
-    worker = NoopWorker(make_config(maintenance={"vacuum_dead_rows": 1000}))
-    worker.queue = queue
+    metrics = ProcessingMetrics()
+    worker = maintenance(queue, make_config(maintenance={"vacuum_dead_rows": 1000}), metrics)
     async with await AsyncConnection.connect(pg_dsn) as other:
         # What a VACUUM running elsewhere holds: this one skips rather than waits.
         await other.execute(
@@ -173,15 +222,14 @@ async def test_vacuum_runs_over_the_threshold_and_once_across_the_fleet(
         assert await worker.vacuum() is None
         await other.rollback()
     assert await worker.vacuum() == 1500
-    assert worker.metrics.vacuums == 1
+    assert metrics.vacuums == 1
     [(last_vacuum,)] = await execute(
         queue,
         "SELECT last_vacuum FROM pg_stat_user_tables WHERE schemaname = %s AND relname = 'jobs'",
         queue.schema,
     )
     assert last_vacuum is not None
-    off = NoopWorker(make_config(maintenance={"vacuum_dead_rows": None}))
-    off.queue = queue
+    off = maintenance(queue, make_config(maintenance={"vacuum_dead_rows": None}))
     assert await off.vacuum() is None
 
 
@@ -221,13 +269,13 @@ async def test_a_role_that_does_not_own_the_table_leaves_it_to_autovacuum(
             async with Queue(config) as limited:
                 with pytest.raises(PermissionError, match="not the table's owner"):
                     await limited.vacuum(min_dead_rows=0)
-                worker = NoopWorker(config)
-                worker.queue = limited
+                metrics = ProcessingMetrics()
+                worker = maintenance(limited, config, metrics)
                 with caplog.at_level("WARNING", logger="worker_core.worker"):
                     assert await worker.vacuum() is None
                     assert await worker.vacuum() is None  # no second query, no second line
                 assert caplog.text.count("leaving it to autovacuum") == 1
-                assert worker.metrics.vacuums == 0
+                assert metrics.vacuums == 0
         finally:
             await admin.execute(sql.SQL("DROP OWNED BY {}").format(ident))
             await admin.execute(sql.SQL("DROP ROLE {}").format(ident))

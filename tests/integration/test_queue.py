@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -13,7 +15,8 @@ from psycopg import sql
 
 from worker_core import JobStatus, Queue, WorkerConfig
 from worker_core.errors import PayloadError
-from worker_core.queue import Outcome
+from worker_core.jobs import Transition
+from worker_core.outcomes import Outcome, bury, defer, succeed
 
 
 async def count_rows(queue: Queue) -> int:
@@ -120,7 +123,7 @@ async def test_dedupe_key_returns_the_active_job(queue: Queue) -> None:
     # Once the holder is finished, the key is free again.
     jobs = await queue.claim("w", 10, lease_seconds=30)
     holder = next(j for j in jobs if j.id == first)
-    await queue.finish("w", [Outcome(holder.id, holder.attempt, JobStatus.SUCCEEDED, None)])
+    await queue.finish([succeed(holder, stage=None, state=None)])
     fresh = await queue.enqueue({"v": 8}, dedupe_key="doc-1")
     assert fresh != first
 
@@ -185,13 +188,12 @@ async def test_stats_counts_every_status(queue: Queue) -> None:
     by_id = {j.id: j for j in jobs}
     done, dead, _running = (by_id[ids[0]], by_id[ids[1]], by_id[ids[2]])
     written = await queue.finish(
-        "w",
         [
-            Outcome(done.id, done.attempt, JobStatus.SUCCEEDED, None),
-            Outcome(dead.id, dead.attempt, JobStatus.DEAD, None, error='{"type": "X"}'),
-        ],
+            succeed(done, stage=None, state=None),
+            bury(dead, stage=None, state=None, error='{"type": "X"}'),
+        ]
     )
-    assert written == {done.id, dead.id}
+    assert written == {done.lease_token, dead.lease_token}
     assert await queue.stats("test") == {
         "queued": 1,
         "running": 1,
@@ -220,17 +222,14 @@ async def test_requeue_only_dead_jobs(queue: Queue) -> None:
     jobs = await queue.claim("w", 2, lease_seconds=30)
     ja = next(j for j in jobs if j.id == a)
     await queue.finish(
-        "w",
         [
-            Outcome(
-                ja.id,
-                ja.attempt,
-                JobStatus.DEAD,
-                "parse",
-                '{"k": 1}',
+            bury(
+                ja,
+                stage="parse",
+                state='{"k": 1}',
                 error='{"type": "PermanentError", "message": "bad"}',
             )
-        ],
+        ]
     )
     dead = await queue.dead_letters()
     assert [j.id for j in dead] == [a]
@@ -253,26 +252,57 @@ async def test_requeue_only_dead_jobs(queue: Queue) -> None:
 async def test_requeue_keeps_dedupe_unique(queue: Queue) -> None:
     a = await queue.enqueue({"v": 1}, dedupe_key="k")
     [job] = await queue.claim("w", 1, lease_seconds=30)
-    await queue.finish("w", [Outcome(job.id, job.attempt, JobStatus.DEAD, None, error="{}")])
+    await queue.finish([bury(job, stage=None, state=None, error="{}")])
     b = await queue.enqueue({"v": 2}, dedupe_key="k")
     assert b != a
     assert await queue.requeue([a]) == 0  # b holds the key now
 
 
-async def test_finish_is_fenced_by_owner_and_attempt(queue: Queue) -> None:
+async def test_finish_is_fenced_by_the_lease_token(queue: Queue) -> None:
     job_id = await queue.enqueue({})
     [job] = await queue.claim("w1", 1, lease_seconds=30)
-    assert (
-        await queue.finish("w2", [Outcome(job_id, job.attempt, JobStatus.SUCCEEDED, None)]) == set()
-    )
-    assert (
-        await queue.finish("w1", [Outcome(job_id, job.attempt + 1, JobStatus.SUCCEEDED, None)])
-        == set()
-    )
-    assert await queue.finish("w1", [Outcome(job_id, job.attempt, JobStatus.SUCCEEDED, None)]) == {
-        job_id
+    assert job.lease_token is not None
+    forged = replace(job, lease_token=str(uuid.uuid4()))  # same owner, same attempt
+    assert await queue.finish([succeed(forged, stage=None, state=None)]) == set()
+    assert await queue.finish([succeed(job, stage=None, state=None)]) == {job.lease_token}
+    assert await queue.finish([bury(job, stage=None, state=None, error="{}")]) == set()
+    done = await queue.get(job_id)
+    assert done is not None
+    assert (done.status, done.lease_token, done.lease_owner) == (JobStatus.SUCCEEDED, None, None)
+
+
+async def test_a_stale_run_of_the_same_worker_is_fenced_after_a_deferral(queue: Queue) -> None:
+    # (owner, attempt) repeats: a deferral refunds the attempt, and the same worker
+    # claims the job again. Only the token tells the two runs apart.
+    job_id = await queue.enqueue({})
+    [first] = await queue.claim("w1", 1, lease_seconds=30)
+    deferred = defer(first, stage=None, state=None, delay=0.0, error='{"type": "E"}')
+    assert await queue.finish([deferred]) == {first.lease_token}
+    [second] = await queue.claim("w1", 1, lease_seconds=30)
+    assert (second.id, second.lease_owner, second.attempt) == (job_id, "w1", first.attempt)
+    assert second.lease_token != first.lease_token
+    assert await queue.heartbeat([(job_id, first.lease_token or "")], lease_seconds=30) == set()
+    assert await queue.finish([succeed(first, stage="stale", state='{"by": "stale"}')]) == set()
+    assert await queue.heartbeat([(job_id, second.lease_token or "")], lease_seconds=30) == {
+        second.lease_token
     }
-    assert await queue.finish("w1", [Outcome(job_id, job.attempt, JobStatus.DEAD, None)]) == set()
+    assert await queue.finish([succeed(second, stage="s", state="{}")]) == {second.lease_token}
+    job = await queue.get(job_id)
+    assert job is not None
+    assert (job.status, job.stage, job.state, job.deferrals) == (JobStatus.SUCCEEDED, "s", {}, 1)
+
+
+async def test_finish_refuses_what_the_transition_table_does_not_allow(queue: Queue) -> None:
+    job_id = await queue.enqueue({})
+    [job] = await queue.claim("w", 1, lease_seconds=30)
+    token = job.lease_token or ""
+    for event in (Transition.REQUEUE, Transition.CLAIM, Transition.RESCUE):
+        # Fenced correctly, but (running, event) is not in TRANSITIONS: nothing moves.
+        outcome = Outcome(job_id, token, job.attempt, event, None)
+        assert await queue.finish([outcome]) == set()
+    still = await queue.get(job_id)
+    assert still is not None
+    assert (still.status, still.attempt, still.lease_token) == (JobStatus.RUNNING, 1, token)
 
 
 async def test_heartbeat_and_rescue(queue: Queue) -> None:
@@ -280,17 +310,21 @@ async def test_heartbeat_and_rescue(queue: Queue) -> None:
     c = await queue.enqueue({"c": 1}, max_attempts=3)
     jobs = await queue.claim("w1", 3, lease_seconds=0.05)
     assert {j.id for j in jobs} == {a, b, c}
-    held = await queue.heartbeat("w1", [a, b, c], lease_seconds=0.05)
-    assert held == {a, b, c}
-    assert await queue.heartbeat("someone-else", [a], lease_seconds=30) == set()
+    leases = [(j.id, j.lease_token or "") for j in jobs]
+    held = await queue.heartbeat(leases, lease_seconds=0.05)
+    assert held == {j.lease_token for j in jobs}
+    assert await queue.heartbeat([(a, str(uuid.uuid4()))], lease_seconds=30) == set()
     await asyncio.sleep(0.1)  # let the 50 ms leases expire on the database clock
-    rescued = {job_id: status for job_id, _, status in await queue.rescue()}
+    rescued = {job_id: status for job_id, _, status in await queue.rescue_expired()}
     assert rescued == {a: JobStatus.DEAD, b: JobStatus.DEAD, c: JobStatus.QUEUED}
+    assert await queue.rescue() == 0  # nothing left to rescue
     job = await queue.get(c)
     assert job is not None
     assert job.last_error is not None
     assert job.last_error["type"] == "LeaseExpired"
-    assert await queue.finish("w1", [Outcome(c, 1, JobStatus.SUCCEEDED, None)]) == set()
+    assert job.lease_token is None
+    stale = next(j for j in jobs if j.id == c)
+    assert await queue.finish([succeed(stale, stage=None, state=None)]) == set()
 
 
 @pytest.mark.parametrize(
@@ -360,8 +394,8 @@ async def test_migrate_warns_when_an_applied_migration_changed(
 
 
 async def test_only_a_running_job_may_have_a_lease_owner(queue: Queue) -> None:
-    # heartbeat and finish fence on the owner alone; the schema guarantees that an
-    # owner means status 'running'.
+    # The schema guarantees that an owner means status 'running'; heartbeat and
+    # finish fence on the lease token (and the status).
     job_id = await queue.enqueue({"x": 1})
     async with queue.connection() as conn:
         with pytest.raises(psycopg.errors.CheckViolation, match="lease_owner_only_when_running"):
@@ -371,7 +405,17 @@ async def test_only_a_running_job_may_have_a_lease_owner(queue: Queue) -> None:
                 ),
                 (job_id,),
             )
+        # Nor a token (a previous release's rescue would otherwise leave one behind).
+        with pytest.raises(psycopg.errors.CheckViolation, match="lease_token_only_when_running"):
+            await conn.execute(
+                sql.SQL("UPDATE {}.jobs SET lease_token = gen_random_uuid() WHERE id = %s").format(
+                    sql.Identifier(queue.schema)
+                ),
+                (job_id,),
+            )
     [job] = await queue.claim("w", 1, lease_seconds=30)
     assert job.lease_owner == "w"
-    assert await queue.heartbeat("other", [job.id], lease_seconds=30) == set()
-    assert await queue.heartbeat("w", [job.id], lease_seconds=30) == {job.id}
+    assert await queue.heartbeat([(job.id, str(uuid.uuid4()))], lease_seconds=30) == set()
+    assert await queue.heartbeat([(job.id, job.lease_token or "")], lease_seconds=30) == {
+        job.lease_token
+    }

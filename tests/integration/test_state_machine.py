@@ -1,10 +1,14 @@
 """A Hypothesis state machine of the job life cycle, against the real SQL.
 
-Claims (some with leases that expire at once), successes, each error kind,
-releases, stale writes from old lease holders, heartbeats, lease rescue, requeue
-and cancel run in random orders. A simple model applies ``TRANSITIONS`` and
-``plan_failure``; after every step the database must equal the model: no illegal
-transition, no lost job, and no write by a stale owner.
+Claims (some with leases that expire at once), checkpoints, successes, each error
+kind, releases, cancellations of running jobs, stale writes and heartbeats from
+old runs (of another worker, or of the same worker after it claimed the job
+again), lease rescue, requeue and cancel run in random orders. Every outcome is
+built by the worker's own constructors (``worker_core.outcomes``: ``succeed``,
+``after_failure`` over ``error_record``, ``release``, ``cancel``, ``checkpoint``),
+the ones its executor uses. A simple model applies ``TRANSITIONS``; after every
+step the database must equal the model: no illegal transition, no lost job, and
+no write or renewal by a stale run.
 """
 
 from __future__ import annotations
@@ -26,10 +30,20 @@ from hypothesis.stateful import (
 )
 from psycopg import sql
 
-from worker_core import JobStatus, Queue, WorkerConfig
+from worker_core import Job, JobStatus, Queue, WorkerConfig
+from worker_core.errors import RetryableError
 from worker_core.jobs import TRANSITIONS, Transition
-from worker_core.queue import Outcome
-from worker_core.retry import ErrorKind, plan_failure
+from worker_core.outcomes import (
+    Outcome,
+    after_failure,
+    bury,
+    cancel,
+    checkpoint,
+    error_record,
+    release,
+    succeed,
+)
+from worker_core.retry import ErrorKind
 
 MAX_DEFERRALS = 2
 WORKERS = ("w1", "w2")
@@ -43,8 +57,23 @@ class Model:
     max_attempts: int = 1
     owner: str | None = None
     expired: bool = False
-    #: Every (owner, attempt) that ever held this job, for stale writes.
-    holders: list[tuple[str, int]] = field(default_factory=list)
+    #: The claim that runs the job now (None unless running).
+    run: Job | None = None
+    #: Every claim that ever held this job, for stale writes.
+    claims: list[Job] = field(default_factory=list)
+
+
+def stale_outcome(job: Job, kind: str) -> Outcome:
+    """What a stale run may still try to write."""
+    if kind == "succeed":
+        return succeed(job, stage="stale", state='{"stale": true}')
+    if kind == "bury":
+        return bury(job, stage="stale", state=None, error='{"type": "Stale"}')
+    if kind == "release":
+        return release(job, stage="stale", state=None)
+    if kind == "cancel":
+        return cancel(job, stage="stale", state=None)
+    return checkpoint(job, stage="stale", state='{"stale": true}')
 
 
 class JobLifeCycle(RuleBasedStateMachine):
@@ -92,65 +121,73 @@ class JobLifeCycle(RuleBasedStateMachine):
             model = self.jobs[job.id]
             self.move(model, Transition.CLAIM)
             model.attempt += 1
-            model.owner, model.expired = worker, expired
-            model.holders.append((worker, model.attempt))
+            model.owner, model.expired, model.run = worker, expired, job
+            assert job.lease_token and all(c.lease_token != job.lease_token for c in model.claims)
+            model.claims.append(job)
             assert job.attempt == model.attempt
+
+    def live(self, data: st.DataObject) -> tuple[Model, Job]:
+        model = self.jobs[data.draw(st.sampled_from(self.running(live=True)))]
+        assert model.run is not None
+        return model, model.run
+
+    def ended(self, model: Model, event: Transition) -> None:
+        self.move(model, event)
+        model.owner = model.run = None
+
+    @precondition(lambda self: self.running(live=True))
+    @rule(data=st.data())
+    def checkpoint(self, data: st.DataObject) -> None:
+        model, run = self.live(data)
+        self._write(model, checkpoint(run, stage="c", state='{"cursor": 1}'))
+        self.move(model, Transition.CHECKPOINT)
 
     @precondition(lambda self: self.running(live=True))
     @rule(data=st.data())
     def succeed(self, data: st.DataObject) -> None:
-        job_id = data.draw(st.sampled_from(self.running(live=True)))
-        model = self.jobs[job_id]
-        self._write(job_id, Outcome(job_id, model.attempt, JobStatus.SUCCEEDED, "s", "{}"))
-        self.move(model, Transition.SUCCEED)
-        model.owner = None
+        model, run = self.live(data)
+        self._write(model, succeed(run, stage="s", state="{}"))
+        self.ended(model, Transition.SUCCEED)
 
     @precondition(lambda self: self.running(live=True))
     @rule(data=st.data(), kind=st.sampled_from(list(ErrorKind)))
     def fail(self, data: st.DataObject, kind: ErrorKind) -> None:
-        job_id = data.draw(st.sampled_from(self.running(live=True)))
-        model = self.jobs[job_id]
-        plan = plan_failure(
-            kind,
-            attempt=model.attempt,
-            max_attempts=model.max_attempts,
-            deferrals=model.deferrals,
-            max_deferrals=MAX_DEFERRALS,
+        model, run = self.live(data)
+        exc = RetryableError("slow down", retry_after=0) if kind is ErrorKind.RETRYABLE else (
+            RuntimeError("boom"))  # fmt: skip
+        record = error_record(
+            exc, kind=kind, stage="s", attempt=run.attempt, worker_id=model.owner or ""
         )
-        error = '{"type": "E"}'
-        if plan.transition is Transition.DEFER:
-            outcome = Outcome(
-                job_id,
-                model.attempt,
-                JobStatus.QUEUED,
-                None,
-                refund=1,
-                deferred=1,
-                delay=0.0,
-                error=error,
-            )
-        elif plan.transition is Transition.RETRY:
-            outcome = Outcome(job_id, model.attempt, JobStatus.QUEUED, None, delay=0.0, error=error)
-        else:
-            outcome = Outcome(job_id, model.attempt, JobStatus.DEAD, None, error=error)
-        self._write(job_id, outcome)
-        self.move(model, plan.transition)
+        outcome, plan = after_failure(
+            run,
+            kind,
+            max_deferrals=MAX_DEFERRALS,
+            stage=None,
+            state=None,
+            delay=0.0,
+            record=record,
+        )
+        assert outcome.event is plan.transition
+        self._write(model, outcome)
+        self.ended(model, plan.transition)
         if plan.transition is Transition.DEFER:
             model.attempt -= 1
             model.deferrals += 1
-        model.owner = None
 
     @precondition(lambda self: self.running(live=True))
     @rule(data=st.data())
     def release(self, data: st.DataObject) -> None:
-        job_id = data.draw(st.sampled_from(self.running(live=True)))
-        model = self.jobs[job_id]
-        self._write(
-            job_id, Outcome(job_id, model.attempt, JobStatus.QUEUED, None, refund=1, delay=0.0)
-        )
-        self.move(model, Transition.RELEASE)
+        model, run = self.live(data)
+        self._write(model, release(run, stage=None, state=None))
+        self.ended(model, Transition.RELEASE)
         model.attempt -= 1
-        model.owner = None
+
+    @precondition(lambda self: self.running(live=True))
+    @rule(data=st.data())
+    def cancel_running(self, data: st.DataObject) -> None:
+        model, run = self.live(data)
+        self._write(model, cancel(run, stage=None, state=None))
+        self.ended(model, Transition.CANCEL)
 
     @precondition(lambda self: self.running(live=True))
     @rule(data=st.data())
@@ -170,54 +207,67 @@ class JobLifeCycle(RuleBasedStateMachine):
                 (job_id,),
             )
 
-    def stale_holders(self, job_id: int) -> list[tuple[str, int]]:
+    def stale_claims(self, job_id: int) -> list[Job]:
         model = self.jobs[job_id]
-        current = (model.owner, model.attempt) if model.status is JobStatus.RUNNING else None
-        return [h for h in model.holders if h != current]
+        return [
+            c for c in model.claims if model.run is None or c.lease_token != model.run.lease_token
+        ]
 
-    def with_stale_holders(self) -> list[int]:
-        ids = [i for i in sorted(self.jobs) if self.stale_holders(i)]
-        # Most interesting: a job that a newer holder is running right now.
+    def with_stale_claims(self) -> list[int]:
+        ids = [i for i in sorted(self.jobs) if self.stale_claims(i)]
+        # Most interesting: a job that a newer claim is running right now.
         running = [i for i in ids if self.jobs[i].status is JobStatus.RUNNING]
         return running or ids
 
-    @precondition(lambda self: self.with_stale_holders())
-    @rule(data=st.data(), status=st.sampled_from([JobStatus.SUCCEEDED, JobStatus.DEAD]))
-    def stale_write(self, data: st.DataObject, status: JobStatus) -> None:
-        job_id = data.draw(st.sampled_from(self.with_stale_holders()))
-        owner, attempt = data.draw(st.sampled_from(self.stale_holders(job_id)))
-        written = self.run(self.queue.finish(owner, [Outcome(job_id, attempt, status, None)]))
-        assert written == set(), f"stale holder {owner}/{attempt} overwrote job {job_id}"
+    @precondition(lambda self: self.with_stale_claims())
+    @rule(
+        data=st.data(),
+        kind=st.sampled_from(["succeed", "bury", "release", "cancel", "checkpoint"]),
+    )
+    def stale_write(self, data: st.DataObject, kind: str) -> None:
+        job_id = data.draw(st.sampled_from(self.with_stale_claims()))
+        stale = data.draw(st.sampled_from(self.stale_claims(job_id)))
+        written = self.run(self.queue.finish([stale_outcome(stale, kind)]))
+        assert written == set(), f"stale run {stale.lease_owner}/{stale.attempt} wrote job {job_id}"
+        renewed = self.run(
+            self.queue.heartbeat([(job_id, stale.lease_token or "")], lease_seconds=600)
+        )
+        assert renewed == set(), f"stale run {stale.lease_owner}/{stale.attempt} renewed {job_id}"
 
     @precondition(lambda self: self.running(live=True))
-    @rule(data=st.data(), worker=st.sampled_from(WORKERS))
-    def hang_then_rescue_and_reclaim(self, data: st.DataObject, worker: str) -> None:
-        """A holder stalls; rescue returns its job and a worker (maybe the same) claims it."""
-        self.hang(data)
+    @rule(data=st.data(), same_worker=st.booleans())
+    def hang_then_rescue_and_reclaim(self, data: st.DataObject, same_worker: bool) -> None:
+        """A run stalls (its event loop blocked); rescue returns its job and a worker,
+        often the very same one, claims it again while the stale run still exists."""
+        job_id = data.draw(st.sampled_from(self.running(live=True)))
+        owner = self.jobs[job_id].owner or WORKERS[0]
+        self.run(self._expire(job_id))
+        self.jobs[job_id].expired = True
         self.rescue()
         if any(j.status is JobStatus.QUEUED for j in self.jobs.values()):
-            self.claim(worker, len(self.jobs), expired=False)
+            other = WORKERS[1] if owner == WORKERS[0] else WORKERS[0]
+            self.claim(owner if same_worker else other, len(self.jobs), expired=False)
 
     @rule(worker=st.sampled_from(WORKERS))
     def heartbeat(self, worker: str) -> None:
         mine = [
-            i for i, j in self.jobs.items() if j.status is JobStatus.RUNNING and j.owner == worker
+            j for j in self.jobs.values() if j.status is JobStatus.RUNNING and j.owner == worker
         ]
-        ids = mine + [i for i in self.jobs if i not in mine][:2]
-        held = self.run(self.queue.heartbeat(worker, ids, lease_seconds=600))
-        assert held == set(mine)
-        for job_id in mine:
-            self.jobs[job_id].expired = False
+        leases = [(m.run.id, m.run.lease_token or "") for m in mine if m.run is not None]
+        stale = [(i, c.lease_token or "") for i in self.jobs for c in self.stale_claims(i)]
+        held = self.run(self.queue.heartbeat(leases + stale[:3], lease_seconds=600))
+        assert held == {token for _, token in leases}
+        for model in mine:
+            model.expired = False
 
     @rule()
     def rescue(self) -> None:
-        rescued = {job_id: status for job_id, _, status in self.run(self.queue.rescue())}
+        rescued = {job_id: status for job_id, _, status in self.run(self.queue.rescue_expired())}
         expected = {}
         for job_id in self.running(live=False):
             model = self.jobs[job_id]
             exhausted = model.attempt >= model.max_attempts
-            self.move(model, Transition.RESCUE_DEAD if exhausted else Transition.RESCUE)
-            model.owner = None
+            self.ended(model, Transition.RESCUE_DEAD if exhausted else Transition.RESCUE)
             expected[job_id] = model.status
         assert rescued == expected
 
@@ -243,11 +293,10 @@ class JobLifeCycle(RuleBasedStateMachine):
         if cancelled:
             self.move(model, Transition.CANCEL)
 
-    def _write(self, job_id: int, outcome: Outcome) -> None:
-        model = self.jobs[job_id]
-        assert model.owner is not None
-        written = self.run(self.queue.finish(model.owner, [outcome]))
-        assert written == {job_id}
+    def _write(self, model: Model, outcome: Outcome) -> None:
+        assert model.run is not None and outcome.token == model.run.lease_token
+        written = self.run(self.queue.finish([outcome]))
+        assert written == {outcome.token}
 
     # -- the database equals the model ---------------------------------------------
     @invariant()
@@ -255,22 +304,25 @@ class JobLifeCycle(RuleBasedStateMachine):
         rows = self.run(self._rows())
         assert set(rows) == set(self.jobs), "a job was lost or appeared"
         for job_id, model in self.jobs.items():
-            status, attempt, deferrals, owner = rows[job_id]
+            status, attempt, deferrals, owner, token = rows[job_id]
             assert (JobStatus(status), attempt, deferrals) == (
                 model.status,
                 model.attempt,
                 model.deferrals,
             ), f"job {job_id}"
-            assert owner == (model.owner if model.status is JobStatus.RUNNING else None)
+            running = model.status is JobStatus.RUNNING
+            assert owner == (model.owner if running else None)
+            assert token == (model.run.lease_token if running and model.run else None)
 
-    async def _rows(self) -> dict[int, tuple[str, int, int, str | None]]:
+    async def _rows(self) -> dict[int, tuple[str, int, int, str | None, str | None]]:
         async with self.queue.connection() as conn:
             cur = await conn.execute(
-                sql.SQL("SELECT id, status, attempt, deferrals, lease_owner FROM {}.jobs").format(
-                    sql.Identifier(self.queue.schema)
-                )
+                sql.SQL(
+                    "SELECT id, status, attempt, deferrals, lease_owner, lease_token::text "
+                    "FROM {}.jobs"
+                ).format(sql.Identifier(self.queue.schema))
             )
-            return {r[0]: (r[1], r[2], r[3], r[4]) for r in await cur.fetchall()}
+            return {r[0]: (r[1], r[2], r[3], r[4], r[5]) for r in await cur.fetchall()}
 
 
 @pytest.mark.timeout(300)

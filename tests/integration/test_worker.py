@@ -320,7 +320,7 @@ async def test_stale_worker_completion_is_rejected_by_the_fence(
                     sql.Identifier(queue.schema)
                 )
             )
-        assert [r[0] for r in await queue.rescue()] == [job_id]
+        assert [r[0] for r in await queue.rescue_expired()] == [job_id]
         [rescued] = await queue.claim("new-owner", 1, lease_seconds=60)
         assert rescued.attempt == 2
         release.set()
@@ -352,9 +352,10 @@ async def test_lost_lease_cancels_the_running_task(
         await asyncio.wait_for(started.wait(), 10)
         async with queue.connection() as conn:  # another worker took the job over
             await conn.execute(
-                sql.SQL("UPDATE {}.jobs SET lease_owner = 'thief', attempt = attempt + 1").format(
-                    sql.Identifier(queue.schema)
-                )
+                sql.SQL(
+                    "UPDATE {}.jobs SET lease_owner = 'thief', attempt = attempt + 1, "
+                    "lease_token = gen_random_uuid()"
+                ).format(sql.Identifier(queue.schema))
             )
         await asyncio.wait_for(cancelled.wait(), 10)
     job = await queue.get(job_id)
@@ -432,8 +433,10 @@ async def test_notify_wakes_an_idle_worker_without_polling(
     config = make_config(queue={"poll_interval": 60})
     worker = Worker(config, [Step("work", work)])
     async with running(worker):
-        await wait_for(lambda: _value(worker.listener_connected), what="LISTEN")
-        await wait_for(lambda: _value(worker.last_claim_at is not None), what="first claim")
+        await wait_for(lambda: _value(worker.snapshot().listener_connected), what="LISTEN")
+        await wait_for(
+            lambda: _value(worker.snapshot().last_claim_at is not None), what="first claim"
+        )
         await queue.enqueue({})
         await asyncio.wait_for(done.wait(), 5)  # far sooner than the 60 s poll
 
@@ -469,16 +472,23 @@ async def test_stage_can_borrow_a_connection(queue: Queue, config: WorkerConfig)
         ([object()], "needs a non-empty string attribute 'name'"),
         ([Step("")], "needs a non-empty string attribute 'name'"),
         ([Step("ok", timeout=-1)], "timeout must be a positive number"),
+        ([Step("nul\x00name")], "without NUL or lone surrogates"),
     ],
 )
 async def test_bad_stage_lists_fail_at_startup(
-    config: WorkerConfig, stages: list[Any], message: str
+    queue: Queue, config: WorkerConfig, stages: list[Any], message: str
 ) -> None:
+    await queue.enqueue({})
+    worker = Worker(config, stages)
     with pytest.raises((TypeError, ValueError), match=message):
-        await Worker(config, stages).run(until_empty=True)
+        await worker.run(until_empty=True)
+    # stages() is asked after on_startup() (it may use clients opened there), and a
+    # refused list still closes them; no job was claimed.
+    assert worker.events == ["startup", "shutdown"]
+    assert (await queue.stats())["queued"] == 1
 
 
-async def test_sync_run_method_is_refused(config: WorkerConfig) -> None:
+async def test_sync_run_method_is_refused(queue: Queue, config: WorkerConfig) -> None:
     class Sync:
         name = "sync"
 

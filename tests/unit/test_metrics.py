@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from worker_core.breaker import CircuitBreaker
+from worker_core.config import WorkerConfig
 from worker_core.metrics import (
     MetricFamily,
     MetricsCollector,
@@ -19,6 +20,7 @@ from worker_core.metrics import (
     render_text,
     unregister_metrics,
 )
+from worker_core.snapshot import WorkerSnapshot
 
 
 def scripted() -> ProcessingMetrics:
@@ -211,13 +213,21 @@ class FakeQueue:
 
 
 class FakeWorker:
+    """A ``WorkerView``: metrics read the worker only through its typed snapshot."""
+
     def __init__(self, metrics: ProcessingMetrics) -> None:
+        self.config = WorkerConfig()
+        self.worker_id = "fake"
         self.metrics = metrics
-        self.queue = FakeQueue()
-        self.is_running = True
-        self.is_draining = False
-        self.last_claim_at: float | None = None
         self.breakers: dict[str, CircuitBreaker] = {}
+
+    def snapshot(self) -> WorkerSnapshot:
+        return WorkerSnapshot(
+            self.worker_id,
+            running=True,
+            queue=FakeQueue(),  # type: ignore[arg-type]
+            breakers=self.breakers,
+        )
 
 
 async def test_worker_gauges_breakers_and_pool() -> None:

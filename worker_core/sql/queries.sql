@@ -1,7 +1,9 @@
 -- Named queries of worker_core. {schema} is the quoted schema identifier; other
--- {placeholders} are filled by queue.py with SQL it builds itself. Every
--- statement that moves a running job is fenced by (lease_owner, attempt), so a
--- worker whose lease was taken over can never overwrite the new owner's work.
+-- {placeholders} are filled by queue.py with SQL it builds itself. Every claim
+-- sets a fresh random lease_token, and every statement that renews or moves a
+-- running job is fenced by (status = 'running', lease_token), so a run whose
+-- lease was taken over (by another worker, or by a newer claim of its own
+-- worker) can never renew or overwrite the job.
 
 -- name: migrate_lock
 -- Serialises concurrent migrate() calls on one schema; released at commit.
@@ -108,6 +110,7 @@ WITH picked AS MATERIALIZED (
 )
 UPDATE {schema}.jobs AS j
 SET status = 'running', attempt = j.attempt + 1, lease_owner = %(owner)s,
+    lease_token = gen_random_uuid(),
     lease_expires_at = now() + %(lease)s::float8 * interval '1 second', updated_at = now()
 FROM picked
 WHERE j.id = picked.id
@@ -115,54 +118,60 @@ WHERE j.id = picked.id
 RETURNING j.id, j.queue, j.payload, j.status, j.stage, j.state, j.attempt, j.max_attempts,
           j.deferrals, j.priority, j.run_at, j.correlation_id, j.last_error, j.errors,
           j.created_at, j.updated_at, j.finished_at, j.dedupe_key, j.lease_owner,
-          j.lease_expires_at
+          j.lease_expires_at, j.lease_token::text, j.errors_dropped
 
 -- name: heartbeat
--- One statement renews every lease a worker holds; an id missing from the
--- result is a lease this worker lost. A lease owner implies status 'running'
--- (constraint jobs_lease_owner_only_when_running), so the rows are found by
--- primary key, never through the lease index and its dead entries.
-UPDATE {schema}.jobs
+-- One statement renews every lease a worker holds: (id, token) pairs, so a stale
+-- run and a newer claim of the same job are told apart. A token missing from the
+-- result is a lease this worker lost. Rows are found by primary key (a nested
+-- loop over the pairs), never through the lease index and its dead entries.
+UPDATE {schema}.jobs AS j
 SET lease_expires_at = now() + %(lease)s::float8 * interval '1 second'
-WHERE id = ANY(%(ids)s::bigint[]) AND lease_owner = %(owner)s
-RETURNING id
+FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[]) AS h(id, token)
+WHERE j.id = h.id AND j.status = 'running' AND j.lease_token = h.token
+RETURNING j.lease_token::text
 
 -- name: finish
--- Writes a batch of outcomes (checkpoint, succeeded, retry, defer, dead,
--- release) in one statement, each fenced by owner and attempt. The batch is one
--- JSON array of [id, attempt, status, stage, state, refund, deferred, delay,
--- error] rows. Delays are computed on the database clock, so worker clock skew
--- cannot move run_at. The owner fence implies status 'running' (see heartbeat).
-WITH u AS (
-    SELECT (o->>0)::bigint AS id, (o->>1)::int AS attempt, o->>2 AS status, o->>3 AS stage,
-           nullif(o->4, 'null'::jsonb) AS state, (o->>5)::int AS refund,
-           (o->>6)::int AS deferred, (o->>7)::float8 AS delay,
-           nullif(o->8, 'null'::jsonb) AS error
-    FROM jsonb_array_elements(%(outcomes)s::jsonb) AS o
+-- Writes a batch of outcomes (checkpoint, succeed, retry, defer, bury, release,
+-- cancel) in one statement, each fenced by its run's lease token. The batch is one
+-- JSON array of objects read by field name and type. An outcome names an event,
+-- not a status: the new status, and whether the attempt is refunded or a deferral
+-- counted, come from {transitions}, the table rendered from worker_core.jobs, so
+-- a status change it does not allow is not written. Delays are computed on the
+-- database clock, so worker clock skew cannot move run_at. Error histories keep
+-- the first and the latest %(keep_errors)s records (append_error).
+WITH o AS (
+    SELECT * FROM jsonb_to_recordset(%(outcomes)s::jsonb) AS o(
+        id bigint, token uuid, event text, stage text, state jsonb, delay float8, error jsonb)
 )
 UPDATE {schema}.jobs AS j
-SET status = u.status,
-    stage = u.stage,
-    state = coalesce(u.state, j.state),
-    attempt = j.attempt - u.refund,
-    deferrals = j.deferrals + u.deferred,
-    run_at = CASE WHEN u.delay IS NULL THEN j.run_at
-                  ELSE now() + u.delay * interval '1 second' END,
-    lease_owner = CASE WHEN u.status = 'running' THEN j.lease_owner END,
-    lease_expires_at = CASE WHEN u.status = 'running' THEN j.lease_expires_at END,
-    last_error = coalesce(u.error, j.last_error),
-    errors = CASE WHEN u.error IS NULL THEN j.errors
-                  ELSE j.errors || jsonb_build_array(u.error) END,
-    finished_at = CASE WHEN u.status IN ('succeeded', 'dead') THEN now() END,
+SET status = t.to_status,
+    stage = o.stage,
+    state = coalesce(o.state, j.state),
+    attempt = j.attempt - t.refund,
+    deferrals = j.deferrals + t.deferral,
+    run_at = CASE WHEN o.delay IS NULL THEN j.run_at
+                  ELSE now() + o.delay * interval '1 second' END,
+    lease_owner = CASE WHEN t.to_status = 'running' THEN j.lease_owner END,
+    lease_token = CASE WHEN t.to_status = 'running' THEN j.lease_token END,
+    lease_expires_at = CASE WHEN t.to_status = 'running' THEN j.lease_expires_at END,
+    last_error = coalesce(o.error, j.last_error),
+    errors = {schema}.append_error(j.errors, o.error, %(keep_errors)s),
+    errors_dropped = j.errors_dropped + CASE WHEN o.error IS NULL THEN 0
+        ELSE greatest(jsonb_array_length(j.errors) + 1 - %(keep_errors)s, 0) END,
+    finished_at = CASE WHEN t.to_status IN ('succeeded', 'dead', 'cancelled') THEN now() END,
     updated_at = now()
-FROM u
-WHERE j.id = u.id AND j.lease_owner = %(owner)s AND j.attempt = u.attempt
-RETURNING j.id
+FROM o JOIN {transitions} AS t(from_status, event, to_status, refund, deferral)
+    ON t.event = o.event
+WHERE j.id = o.id AND j.status = 'running' AND j.lease_token = o.token
+  AND t.from_status = j.status
+RETURNING o.token::text
 
 -- name: rescue
 -- Any worker returns jobs whose lease expired (their worker died or hung) to
 -- queued, or to dead when their attempts are spent. The status guard lives in
--- the statement itself, so a job completed meanwhile is never touched.
+-- the statement itself, so a job completed meanwhile is never touched. Clearing
+-- the token fences off the run that held the lease, should it wake up.
 WITH expired AS MATERIALIZED (
     SELECT id, jsonb_build_object(
                'type', 'LeaseExpired',
@@ -178,8 +187,10 @@ WITH expired AS MATERIALIZED (
 )
 UPDATE {schema}.jobs AS j
 SET status = CASE WHEN e.exhausted THEN 'dead' ELSE 'queued' END,
-    lease_owner = NULL, lease_expires_at = NULL, run_at = now(),
-    last_error = e.err, errors = j.errors || jsonb_build_array(e.err),
+    lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, run_at = now(),
+    last_error = e.err, errors = {schema}.append_error(j.errors, e.err, %(keep_errors)s),
+    errors_dropped = j.errors_dropped
+        + greatest(jsonb_array_length(j.errors) + 1 - %(keep_errors)s, 0),
     finished_at = CASE WHEN e.exhausted THEN now() END, updated_at = now()
 FROM expired AS e
 WHERE j.id = e.id AND j.status = 'running'
