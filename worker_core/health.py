@@ -340,6 +340,7 @@ def check_loop(
         "seconds_since_claim": ago(snapshot.last_claim_at),
         "uptime_seconds": ago(started),
         "listener_connected": snapshot.listener_connected,
+        "polling_only": snapshot.polling_only,
     }
     status = HealthStatus.HEALTHY
     problem: str | None = None
@@ -355,6 +356,7 @@ def check_loop(
         problem = f"the claim loop has been stuck for {now - last_loop:.0f}s"
     elif (
         not snapshot.listener_connected
+        and not snapshot.polling_only
         and started is not None
         and now - started > thresholds.listener_grace_seconds
     ):

@@ -472,7 +472,7 @@ class Netns:
                 self.slow_kind = f"netem delay {delay_ms}ms each way"
                 continue
             _tc(*prefix, "qdisc", "add", "dev", dev, "root", "tbf", "rate", "96kbit",
-                "burst", "1600", "latency", "2s")  # fmt: skip
+                "burst", "1600", "latency", "1s")  # fmt: skip
             self.slow_kind = "tbf 96kbit/s each way (no netem in this kernel)"
         assert self.slow_kind is not None
         return self.slow_kind
