@@ -10,7 +10,8 @@ it ends, ``STOPPED <job> <attempt> <exception type>`` when the stage is stopped
 from outside (the lease was lost, or shutdown), ``ACKED <job> <attempt>`` once the
 success was written. A job's payload may hold
 ``{"sleep": {"<role>": seconds}}``: how long its stage takes in that role
-(default: a few milliseconds).
+(default: a few milliseconds), and ``{"checkpoint_every": seconds}``: the stage
+then checkpoints its progress at that interval.
 """
 
 from __future__ import annotations
@@ -36,8 +37,17 @@ class Work:
         job = ctx.job
         say("RAN", job.id, job.attempt, ROLE)
         seconds = float(job.payload.get("sleep", {}).get(ROLE, 0.003))
+        every = float(job.payload.get("checkpoint_every", 0) or seconds)
         try:
-            await asyncio.sleep(seconds)
+            # A long stage records its progress as it goes (ctx.checkpoint), which is
+            # also where it hears that its lease was lost.
+            done = 0.0
+            while done < seconds:
+                await asyncio.sleep(min(every, seconds - done))
+                done += every
+                if done < seconds:
+                    ctx.state["progress"] = done
+                    await ctx.checkpoint()
         except BaseException as exc:
             say("STOPPED", job.id, job.attempt, type(exc).__name__)
             raise

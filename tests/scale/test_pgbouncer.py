@@ -144,7 +144,8 @@ async def test_fleet_through_pgbouncer_listens_directly(
     fleet, _ = await drain_behind_pgbouncer("pgbouncer+listen_dsn", pgbouncer, queue, env)
     try:
         for worker in fleet:
-            assert not worker.logs("connection pooler"), "listen_dsn is direct: no warning"
+            assert worker.logs("connection pooler detected: prepared statements are off")
+            assert not worker.logs("LISTEN is off"), "listen_dsn is direct: LISTEN is on"
         # The fleet is idle now; a new job wakes it through LISTEN, not the 5 s poll.
         enqueued = time.monotonic()
         job_id = await queue.enqueue({"i": -1})
