@@ -84,12 +84,13 @@ async def drain_behind_pgbouncer(
     ids = await queue.enqueue_many([{"i": i, "sleep": {"fleet": 0.02}} for i in range(jobs)])
     fleet = await asyncio.gather(*(WorkerProcess.start("fleet", env) for _ in range(workers)))
     started = time.monotonic()
-    servers_seen = 0
+    servers_seen = clients_seen = 0
 
     async def done_at_least(n: int) -> bool:
-        nonlocal servers_seen
+        nonlocal servers_seen, clients_seen
         pools = await asyncio.to_thread(pgbouncer.pools)
         servers_seen = max(servers_seen, pools.get("sv_active", 0) + pools.get("sv_idle", 0))
+        clients_seen = max(clients_seen, pools.get("cl_active", 0) + pools.get("cl_waiting", 0))
         return (await queue.stats())["succeeded"] >= n
 
     await wait_until(lambda: done_at_least(jobs // 3), timeout=120, what="a third done")
@@ -119,6 +120,7 @@ async def drain_behind_pgbouncer(
         re_executed=sum(1 for n in runs.values() if n > 1),
         recover_s=recovered,
         elapsed_s=elapsed,
+        client_connections_max=clients_seen,
         server_connections_max=servers_seen,
         pool_size=pgbouncer.pool_size,
         pgbouncer=pgbouncer.version(),
