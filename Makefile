@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: test demo lint typecheck bench clean
+.PHONY: test demo lint typecheck bench clean system-deps
 
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "worker_core needs Python 3.11 or newer (set PYTHON=...)")'
@@ -14,8 +14,22 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	@touch $@
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed system-deps
 	$(BIN)/python -m pytest -q
+
+# Debian packages of the infrastructure-fault tests (tests/scale): PgBouncer, and
+# iproute2 for network namespaces and tc. Installed as root on Debian/Ubuntu only;
+# elsewhere those tests skip with one line (with CI=true they fail instead).
+SYSTEM_PACKAGES := pgbouncer iproute2
+system-deps:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	  if [ -n "$$missing" ]; then \
+	    flock /tmp/apt.lock apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive flock /tmp/apt.lock \
+	      apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  fi; \
+	fi
 
 demo: $(VENV)/.installed
 	$(BIN)/worker-core demo

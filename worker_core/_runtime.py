@@ -34,7 +34,7 @@ from ._completer import Completer
 from ._dispatch import Dispatcher
 from ._executor import Executor, Hooks
 from ._maintenance import Maintenance
-from ._notifier import Notifier
+from ._notifier import Notifier, check_listen_target
 from ._watchdog import StallWatchdog
 from .config import WorkerConfig
 from .logs import StructuredLogger
@@ -187,6 +187,7 @@ class Runtime:
             concurrency=self._config.queue.concurrency,
             listener_connected=bool(n is not None and n.connected),
             listener_connects=n.connects if n is not None else 0,
+            polling_only=bool(n is not None and not n.enabled),
             queue=self.queue if self.running else None,
             breakers=breakers,
             health_checks=checks,
@@ -216,6 +217,7 @@ class Runtime:
             )
             self.queue = queue = Queue(config, pool=self._pool)
             await self._check_schema(queue)
+            listening = await check_listen_target(config, self._log)
             # Attached from the first run on, so a breaker a stage creates later
             # already shares the fleet's state.
             await parts.breakers.attach(queue)
@@ -248,6 +250,7 @@ class Runtime:
             self._notifier = Notifier(
                 config, queue, self._log, on_work=dispatcher.notify,
                 on_breaker_trip=self._breaker_tripped_elsewhere, rng=parts.rng,
+                enabled=listening,
             )  # fmt: skip
 
             def leases() -> list[tuple[int, str]]:

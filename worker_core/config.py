@@ -9,6 +9,7 @@ never echoed in errors, so a malformed DSN cannot leak its password.
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 import warnings
 from pathlib import Path
@@ -140,6 +141,43 @@ with warnings.catch_warnings():
             if self.pool_min_size > self.pool_max_size:
                 raise ValueError("pool_min_size must be <= pool_max_size")
             return self
+
+        # TCP settings of every connection worker_core opens. A network path that dies
+        # silently (a partition, a crashed host, a dropped NAT entry: no RST) is only
+        # noticed by them; without them a connection waits ~15 min with data in flight
+        # and forever when idle (LISTEN). docs/operations.md states the bound.
+        keepalives_idle: int = Field(
+            default=10, ge=1, le=3600, description="s of silence before the first TCP keepalive"
+        )
+        keepalives_interval: int = Field(
+            default=5, ge=1, le=600, description="s between unanswered TCP keepalives"
+        )
+        keepalives_count: int = Field(
+            default=3, ge=1, le=100, description="unanswered keepalives that drop the connection"
+        )
+        tcp_user_timeout: float = Field(
+            default=30.0,
+            ge=0,
+            le=3600,
+            description="s data may stay unacknowledged before the connection is dropped "
+            "(Linux; also ends keepalive probing; 0: the OS default)",
+        )
+
+        def connection_params(self, dsn: str) -> dict[str, Any]:
+            """libpq keywords for a connection to ``dsn``: connect timeout and TCP
+            keepalives, except those the DSN sets itself (the DSN wins)."""
+            from psycopg.conninfo import conninfo_to_dict
+
+            given = conninfo_to_dict(dsn)
+            params: dict[str, Any] = {
+                "connect_timeout": max(1, math.ceil(self.connect_timeout)),
+                "keepalives": 1,
+                "keepalives_idle": self.keepalives_idle,
+                "keepalives_interval": self.keepalives_interval,
+                "keepalives_count": self.keepalives_count,
+                "tcp_user_timeout": round(self.tcp_user_timeout * 1000),
+            }
+            return {k: v for k, v in params.items() if k not in given}
 
 
 class QueueSettings(_Section):

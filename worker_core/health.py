@@ -187,12 +187,16 @@ async def _connect(config: WorkerConfig, timeout: float) -> AsyncIterator[Queue]
 
     from .queue import Queue
 
+    dsn = config.dsn()
     conn = await AsyncConnection.connect(
-        config.dsn(),
+        dsn,
         autocommit=True,
         prepare_threshold=config.database.prepare_threshold,
-        connect_timeout=max(1, math.ceil(timeout)),
         application_name=f"{config.database.application_name}.health"[:63],
+        **{
+            **config.database.connection_params(dsn),
+            "connect_timeout": max(1, math.ceil(timeout)),
+        },
     )
     try:
         pool = cast("AsyncConnectionPool", _OneConnection(conn))
@@ -336,6 +340,7 @@ def check_loop(
         "seconds_since_claim": ago(snapshot.last_claim_at),
         "uptime_seconds": ago(started),
         "listener_connected": snapshot.listener_connected,
+        "polling_only": snapshot.polling_only,
     }
     status = HealthStatus.HEALTHY
     problem: str | None = None
@@ -351,6 +356,7 @@ def check_loop(
         problem = f"the claim loop has been stuck for {now - last_loop:.0f}s"
     elif (
         not snapshot.listener_connected
+        and not snapshot.polling_only
         and started is not None
         and now - started > thresholds.listener_grace_seconds
     ):

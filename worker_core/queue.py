@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Outcome",
     "Queue",
+    "behind_pooler",
     "breaker_channel_name",
     "channel_name",
     "open_pool",
@@ -80,8 +81,25 @@ async def open_pool(
     from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
     db = config.database
+    dsn = config.dsn()
+    told: list[bool] = []  # the pooler is logged once per pool, not per connection
+
+    async def configure(conn: AsyncConnection[Any]) -> None:
+        await _configure_connection(conn)
+        if conn.prepare_threshold is not None and await behind_pooler(conn):
+            # A transaction pooler runs each transaction on any server connection,
+            # where psycopg's prepared statements do not exist ("prepared statement
+            # _pg3_0 does not exist"); PgBouncer < 1.21 cannot carry them at all.
+            conn.prepare_threshold = None
+            if not told:
+                told.append(True)
+                StructuredLogger("worker_core.queue").info(
+                    "connection pooler detected: prepared statements are off",
+                    dsn=mask_dsn(dsn),
+                )
+
     pool = AsyncConnectionPool(
-        config.dsn(),
+        dsn,
         min_size=min_size or db.pool_min_size,
         max_size=max(max_size or db.pool_max_size, min_size or db.pool_min_size),
         open=False,
@@ -89,10 +107,10 @@ async def open_pool(
             "autocommit": True,
             "prepare_threshold": db.prepare_threshold,
             "application_name": db.application_name,
-            "connect_timeout": max(1, int(db.connect_timeout)),
+            **db.connection_params(dsn),
         },
         name=f"worker_core.{db.schema}",
-        configure=_configure_connection,
+        configure=configure,
         timeout=db.connect_timeout,
         reconnect_timeout=max(60.0, db.connect_timeout),
     )
@@ -105,6 +123,17 @@ async def open_pool(
             f"within {db.connect_timeout:g}s"
         ) from None
     return pool
+
+
+async def behind_pooler(conn: AsyncConnection[Any]) -> bool:
+    """Whether ``conn`` reaches PostgreSQL through a connection pooler (PgBouncer).
+
+    A pooler answers the connection with a cancel key of its own, so the backend
+    pid the client was given is not the server process that runs its statements.
+    """
+    cur = await conn.execute(_BACKEND_PID, prepare=False)
+    row = await cur.fetchone()
+    return row is not None and int(row[0]) != conn.info.backend_pid
 
 
 async def _configure_connection(conn: AsyncConnection[Any]) -> None:
@@ -123,6 +152,7 @@ def _orjson_loads() -> Any:
 
 
 _ORJSON_LOADS = _orjson_loads()
+_BACKEND_PID = load_queries()["backend_pid"].encode()
 
 
 class Queue:

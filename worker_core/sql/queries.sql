@@ -9,6 +9,12 @@
 -- Serialises concurrent migrate() calls on one schema; released at commit.
 SELECT pg_advisory_xact_lock(hashtext('worker_core.migrate'), hashtext(%(schema)s))
 
+-- name: backend_pid
+-- The server process running this session's statements. A connection pooler
+-- (PgBouncer) hands the client a cancel key of its own at connect time, so this
+-- differs from the pid the client was told: that is how a pooler is recognised.
+SELECT pg_backend_pid()
+
 -- name: migrations_table
 CREATE TABLE IF NOT EXISTS {schema}.schema_migrations (
     version    integer     PRIMARY KEY,
