@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib
 import json
 import logging
@@ -487,7 +488,10 @@ def main(
     out, err, inp = stdout or sys.stdout, stderr or sys.stderr, stdin or sys.stdin
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        # argparse prints usage and errors on sys.stderr/stdout: send them where the
+        # caller asked (an embedding application, a test).
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+            args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse already printed its usage line
         return int(exc.code or 0)
     commands: dict[str, Any] = {
