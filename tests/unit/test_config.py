@@ -298,6 +298,10 @@ def _accepts(info: Any, kind: type) -> bool:
     return annotation is kind or kind in args
 
 
+def _section(section: str, values: dict[str, Any]) -> dict[str, Any]:
+    return {section: values}
+
+
 FLOAT_FIELDS = [(s, f) for s, f, info in _section_fields() if _accepts(info, float)]
 NUMERIC_FIELDS = [
     (s, f) for s, f, info in _section_fields() if _accepts(info, float) or _accepts(info, int)
@@ -323,7 +327,7 @@ def test_the_float_field_list_is_complete() -> None:
 def test_every_float_setting_refuses_inf_and_nan_from_code(section: str, field: str) -> None:
     for value in [*NOT_FINITE, float("inf"), float("-inf"), float("nan")]:
         with pytest.raises(ValidationError) as info:
-            WorkerConfig(**{section: {field: value}})
+            WorkerConfig(**_section(section, {field: value}))
         assert f"{section}.{field}" in error_fields(info.value), value
 
 
@@ -376,7 +380,7 @@ def test_every_numeric_setting_has_an_upper_bound(section: str, field: str) -> N
     ]
     assert bounds, f"{section}.{field} has no upper bound"
     with pytest.raises(ValidationError) as exc:
-        WorkerConfig(**{section: {field: bounds[0] * 10 + 10}})
+        WorkerConfig(**_section(section, {field: bounds[0] * 10 + 10}))
     assert f"{section}.{field}" in error_fields(exc.value)
     assert "less than" in str(exc.value)  # the rule is named in the error
 

