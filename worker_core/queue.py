@@ -692,8 +692,9 @@ def _outcomes_json(outcomes: Sequence[Outcome]) -> str:
 
 def _lease(seconds: float) -> float:
     # An infinite lease is stored as 'infinity', and the claimed row can then not be
-    # read back: every claimed job would be stranded as running.
-    return _inputs.float_param(seconds, "lease_seconds", minimum=0.001, maximum=DAY)
+    # read back: every claimed job would be stranded as running. A negative lease is
+    # one that is already over (rescue tests claim that way).
+    return _inputs.float_param(seconds, "lease_seconds", minimum=-DAY, maximum=DAY)
 
 
 def _retention(seconds: float | None, name: str) -> float | None:
