@@ -314,7 +314,7 @@ class PgQueuerLib(Lib):
         driver, close = await self._connect(dsn)
         qm = QueueManager(Queries(driver))
 
-        @qm.entrypoint(QUEUE, concurrency_limit=limit)
+        @qm.entrypoint(QUEUE, concurrency_limit=limit)  # type: ignore[untyped-decorator,unused-ignore]
         async def bench(job: Job) -> None:
             if body.sleep:
                 await asyncio.sleep(body.sleep)
@@ -369,7 +369,7 @@ class ProcrastinateLib(Lib):
             )
         )
 
-        @app.task(name="bench", queue=QUEUE)
+        @app.task(name="bench", queue=QUEUE)  # type: ignore[untyped-decorator,unused-ignore]
         async def bench(i: int, t: float | None = None) -> None:
             if body is not None:
                 if body.sleep:

@@ -18,9 +18,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from psycopg import sql
-
-from tests.scale.infra import (
+from infra import (
     WorkerProcess,
     executions,
     free_port,
@@ -30,6 +28,8 @@ from tests.scale.infra import (
     wait_until,
     worker_env,
 )
+from psycopg import sql
+
 from worker_core import Queue, WorkerConfig
 from worker_core.embedded import EmbeddedPostgres
 
@@ -97,9 +97,9 @@ async def test_failover_to_the_standby(
     # is then claims and outcomes only (enqueues have the same window; see the doc).
     await wait_until(lambda: _replayed(primary, standby), timeout=60, what="standby caught up")
     if replication == "synchronous":
-        with psycopg.connect(primary.dsn, autocommit=True) as conn:
-            conn.execute("ALTER SYSTEM SET synchronous_standby_names = '*'")
-            conn.execute("SELECT pg_reload_conf()")
+        with psycopg.connect(primary.dsn, autocommit=True) as sync_conn:
+            sync_conn.execute("ALTER SYSTEM SET synchronous_standby_names = '*'")
+            sync_conn.execute("SELECT pg_reload_conf()")
         await wait_until(
             lambda: _sync_state_is(primary, "sync"), timeout=30, what="standby synchronous"
         )
@@ -118,9 +118,9 @@ async def test_failover_to_the_standby(
             # A standby that lags, as one across a busy WAN does: its WAL receiver is
             # pointed nowhere, so what the primary commits from now on never reaches
             # it. The loss window is then as long as the test wants, not luck.
-            with psycopg.connect(standby.dsn, autocommit=True) as conn:
-                conn.execute("ALTER SYSTEM SET primary_conninfo = 'host=127.0.0.1 port=1'")
-                conn.execute("SELECT pg_reload_conf()")
+            with psycopg.connect(standby.dsn, autocommit=True) as sync_conn:
+                sync_conn.execute("ALTER SYSTEM SET primary_conninfo = 'host=127.0.0.1 port=1'")
+                sync_conn.execute("SELECT pg_reload_conf()")
             await wait_until(
                 lambda: _sync_state_is(primary, None), timeout=30, what="standby cut off"
             )

@@ -24,8 +24,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 import pytest
-
-from tests.scale.infra import (
+from infra import (
     Netns,
     WorkerProcess,
     executions,
@@ -35,6 +34,7 @@ from tests.scale.infra import (
     wait_until,
     worker_env,
 )
+
 from worker_core import Queue, WorkerConfig
 from worker_core.embedded import EmbeddedPostgres
 

@@ -18,8 +18,7 @@ from collections.abc import Callable
 
 import psycopg
 import pytest
-
-from tests.scale.infra import (
+from infra import (
     PgBouncer,
     WorkerProcess,
     executions,
@@ -29,6 +28,7 @@ from tests.scale.infra import (
     wait_until,
     worker_env,
 )
+
 from worker_core import Queue, WorkerConfig
 
 pytestmark = pytest.mark.slow

@@ -111,4 +111,4 @@ def test_tcp_settings_are_bounded(bad: dict[str, float]) -> None:
     from pydantic import ValidationError
 
     with pytest.raises(ValidationError):
-        DatabaseSettings(**bad)  # type: ignore[arg-type]
+        DatabaseSettings(**bad)
