@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -315,6 +316,10 @@ class PgBouncer:
         out = subprocess.run([self.binary, "--version"], capture_output=True, text=True, check=True)
         return out.stdout.split("\n", 1)[0].strip()
 
+    def version_tuple(self) -> tuple[int, ...]:
+        match = re.search(r"(\d+)\.(\d+)", self.version())
+        return (int(match[1]), int(match[2])) if match else (0, 0)
+
     def start(self) -> None:
         (self.dir / "users.txt").write_text('"postgres" ""\n')
         (self.dir / "pgbouncer.ini").write_text(
@@ -327,7 +332,10 @@ class PgBouncer:
             "pool_mode = transaction\n"
             f"default_pool_size = {self.pool_size}\nmin_pool_size = 0\nreserve_pool_size = 0\n"
             "max_client_conn = 500\n"
-            f"logfile = {self.dir / 'pgbouncer.log'}\npidfile = {self.dir / 'pgbouncer.pid'}\n"
+            # 1.21+ can carry protocol-level prepared statements (on by default from
+            # 1.22); off, every version behaves as 1.18 does, the case to survive.
+            + ("max_prepared_statements = 0\n" if self.version_tuple() >= (1, 21) else "")
+            + f"logfile = {self.dir / 'pgbouncer.log'}\npidfile = {self.dir / 'pgbouncer.pid'}\n"
         )
         if self.user is not None:
             entry = pwd.getpwnam(self.user)
