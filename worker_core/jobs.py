@@ -14,9 +14,9 @@ Who moves a job between states (each arrow is one guarded SQL statement in
 
 Every claim sets a fresh random ``lease_token``; every write of that run is fenced
 by ``status = 'running' AND lease_token = <the run's token>``. The ``finish``
-statement takes the event (a ``Transition``), not the status: it looks the new
-status up in ``TRANSITIONS``, so a status change the table does not allow is
-never written.
+statement takes the event (a ``Transition`` of ``RUN_EVENTS``), not the status:
+it looks the new status up in ``TRANSITIONS``, so a status change the table does
+not allow is never written.
 """
 
 from __future__ import annotations

@@ -90,7 +90,8 @@ async def drain_with_faults(
 
 
 async def _listening(workers: list[BaseWorker], connects: int = 1) -> bool:
-    return all(w.listener_connected and w.listener_connects >= connects for w in workers)
+    snapshots = [w.snapshot() for w in workers]
+    return all(s.listener_connected and s.listener_connects >= connects for s in snapshots)
 
 
 async def _progress(seen: Counter[int], n: int) -> bool:
@@ -135,7 +136,8 @@ async def test_terminated_backends(queue: Queue, make_config: Callable[..., Work
     assert stats == {"queued": 0, "running": 0, "succeeded": jobs, "dead": 0, "cancelled": 0}
     assert len(seen) == jobs
     assert all(w.metrics.processed > 0 for w in workers)
-    assert all(w.listener_connects >= 2 for w in workers)  # LISTEN was killed and came back
+    # LISTEN was killed and came back
+    assert all(w.snapshot().listener_connects >= 2 for w in workers)
 
 
 @pytest.mark.timeout(240)
@@ -161,4 +163,4 @@ async def test_server_restart(
     assert stats == {"queued": 0, "running": 0, "succeeded": jobs, "dead": 0, "cancelled": 0}
     assert len(seen) == jobs
     for w in workers:  # LISTEN came back after every restart
-        assert w.listener_connects >= 1 + faults, w.listener_connects
+        assert w.snapshot().listener_connects >= 1 + faults, w.snapshot()

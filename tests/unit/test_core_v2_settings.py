@@ -15,13 +15,13 @@ DIRECT = "host=db-primary port=5432 dbname=app user=app password=direct-pw-2"
 
 
 def test_listen_dsn_defaults_to_the_dsn() -> None:
-    config = WorkerConfig(database={"dsn": DSN})
+    config = WorkerConfig.model_validate({"database": {"dsn": DSN}})
     assert config.database.listen_dsn is None
     assert config.listen_dsn() == DSN
 
 
 def test_listen_dsn_is_a_masked_secret() -> None:
-    config = WorkerConfig(database={"dsn": DSN, "listen_dsn": DIRECT})
+    config = WorkerConfig.model_validate({"database": {"dsn": DSN, "listen_dsn": DIRECT}})
     assert config.listen_dsn() == DIRECT
     assert "direct-pw-2" not in repr(config) and "direct-pw-2" not in str(config.database)
     assert {"pool-pw-1", "direct-pw-2"} <= set(config.secrets())
@@ -30,7 +30,7 @@ def test_listen_dsn_is_a_masked_secret() -> None:
 @pytest.mark.parametrize("bad", ["mysql://u:p@h/db", "", "not a dsn", 42])
 def test_listen_dsn_is_validated_like_the_dsn(bad: object) -> None:
     with pytest.raises(ValidationError, match="listen_dsn"):
-        WorkerConfig(database={"dsn": DSN, "listen_dsn": bad})
+        WorkerConfig.model_validate({"database": {"dsn": DSN, "listen_dsn": bad}})
 
 
 def test_queue_settings_of_core_v2() -> None:
@@ -40,7 +40,9 @@ def test_queue_settings_of_core_v2() -> None:
         1.0,
         None,
     )
-    off = WorkerConfig(queue={"stall_warning_seconds": None, "offload_processes": 3}).queue
+    off = WorkerConfig.model_validate(
+        {"queue": {"stall_warning_seconds": None, "offload_processes": 3}}
+    ).queue
     assert (off.stall_warning_seconds, off.offload_processes) == (None, 3)
 
 
@@ -58,7 +60,7 @@ def test_queue_settings_of_core_v2() -> None:
 )
 def test_queue_settings_of_core_v2_are_bounded(field: str, value: object) -> None:
     with pytest.raises(ValidationError, match=field):
-        WorkerConfig(queue={field: value})
+        WorkerConfig.model_validate({"queue": {field: value}})
 
 
 def test_stall_warning_from_the_environment_refuses_nan(monkeypatch: pytest.MonkeyPatch) -> None:
