@@ -128,10 +128,14 @@ class WorkerProcess:
         self, predicate: Callable[[list[str]], bool], *, timeout: float, what: str
     ) -> float:
         """Wait for a plain line that satisfies ``predicate``; returns its arrival time."""
-        return await self._wait(
-            lambda: next((t for t, text in self.lines if predicate(text.split() or [""])), None),
-            timeout=timeout,
-            what=what,
+        return float(
+            await self._wait(
+                lambda: next(
+                    (t for t, text in self.lines if predicate(text.split() or [""])), None
+                ),
+                timeout=timeout,
+                what=what,
+            )
         )
 
     async def wait_count(self, first: str, ids: set[int], *, timeout: float, what: str) -> float:
@@ -141,7 +145,7 @@ class WorkerProcess:
             seen = {int(w[1]) for t, w in self.words(first) if int(w[1]) in ids}
             return max((t for t, w in self.words(first)), default=None) if seen == ids else None
 
-        return await self._wait(done, timeout=timeout, what=what)
+        return float(await self._wait(done, timeout=timeout, what=what))
 
     async def wait_log(self, event: str, *, timeout: float, what: str) -> dict[str, Any]:
         await self._wait(lambda: self.logs(event) or None, timeout=timeout, what=what)
@@ -210,7 +214,7 @@ EXECUTE FUNCTION {schema}.log_transition();
 
 
 async def install_oracle(conn: psycopg.AsyncConnection[Any], schema: str) -> None:
-    await conn.execute(sql.SQL(ORACLE).format(schema=sql.Identifier(schema)))  # type: ignore[arg-type]
+    await conn.execute(sql.SQL(ORACLE).format(schema=sql.Identifier(schema)))
 
 
 @dataclass
