@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -127,10 +128,14 @@ class WorkerProcess:
         self, predicate: Callable[[list[str]], bool], *, timeout: float, what: str
     ) -> float:
         """Wait for a plain line that satisfies ``predicate``; returns its arrival time."""
-        found: float = await self._wait(
-            lambda: next((t for t, text in self.lines if predicate(text.split() or [""])), None),
-            timeout=timeout,
-            what=what,
+        return float(
+            await self._wait(
+                lambda: next(
+                    (t for t, text in self.lines if predicate(text.split() or [""])), None
+                ),
+                timeout=timeout,
+                what=what,
+            )
         )
         return found
 
@@ -141,8 +146,7 @@ class WorkerProcess:
             seen = {int(w[1]) for t, w in self.words(first) if int(w[1]) in ids}
             return max((t for t, w in self.words(first)), default=None) if seen == ids else None
 
-        counted: float = await self._wait(done, timeout=timeout, what=what)
-        return counted
+        return float(await self._wait(done, timeout=timeout, what=what))
 
     async def wait_log(self, event: str, *, timeout: float, what: str) -> dict[str, Any]:
         await self._wait(lambda: self.logs(event) or None, timeout=timeout, what=what)
@@ -317,6 +321,10 @@ class PgBouncer:
         out = subprocess.run([self.binary, "--version"], capture_output=True, text=True, check=True)
         return out.stdout.split("\n", 1)[0].strip()
 
+    def version_tuple(self) -> tuple[int, ...]:
+        match = re.search(r"(\d+)\.(\d+)", self.version())
+        return (int(match[1]), int(match[2])) if match else (0, 0)
+
     def start(self) -> None:
         (self.dir / "users.txt").write_text('"postgres" ""\n')
         (self.dir / "pgbouncer.ini").write_text(
@@ -329,7 +337,10 @@ class PgBouncer:
             "pool_mode = transaction\n"
             f"default_pool_size = {self.pool_size}\nmin_pool_size = 0\nreserve_pool_size = 0\n"
             "max_client_conn = 500\n"
-            f"logfile = {self.dir / 'pgbouncer.log'}\npidfile = {self.dir / 'pgbouncer.pid'}\n"
+            # 1.21+ can carry protocol-level prepared statements (on by default from
+            # 1.22); off, every version behaves as 1.18 does, the case to survive.
+            + ("max_prepared_statements = 0\n" if self.version_tuple() >= (1, 21) else "")
+            + f"logfile = {self.dir / 'pgbouncer.log'}\npidfile = {self.dir / 'pgbouncer.pid'}\n"
         )
         if self.user is not None:
             entry = pwd.getpwnam(self.user)

@@ -38,9 +38,16 @@ pytestmark = pytest.mark.slow
 SCHEMA = "failover"
 
 
+def _run(dsn: str, statement: str) -> None:
+    """Run ``statement`` and reload the server's configuration."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(statement.encode())
+        conn.execute("SELECT pg_reload_conf()")
+
+
 def _one(dsn: str, query: str, *params: Any) -> Any:
     with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as conn:
-        row = conn.execute(query, params or None).fetchone()
+        row = conn.execute(query.encode(), params or None).fetchone()
     return row[0] if row else None
 
 
@@ -97,9 +104,9 @@ async def test_failover_to_the_standby(
     # is then claims and outcomes only (enqueues have the same window; see the doc).
     await wait_until(lambda: _replayed(primary, standby), timeout=60, what="standby caught up")
     if replication == "synchronous":
-        with psycopg.connect(primary.dsn, autocommit=True) as sync_conn:
-            sync_conn.execute("ALTER SYSTEM SET synchronous_standby_names = '*'")
-            sync_conn.execute("SELECT pg_reload_conf()")
+        await asyncio.to_thread(
+            _run, primary.dsn, "ALTER SYSTEM SET synchronous_standby_names = '*'"
+        )
         await wait_until(
             lambda: _sync_state_is(primary, "sync"), timeout=30, what="standby synchronous"
         )
@@ -118,9 +125,9 @@ async def test_failover_to_the_standby(
             # A standby that lags, as one across a busy WAN does: its WAL receiver is
             # pointed nowhere, so what the primary commits from now on never reaches
             # it. The loss window is then as long as the test wants, not luck.
-            with psycopg.connect(standby.dsn, autocommit=True) as sync_conn:
-                sync_conn.execute("ALTER SYSTEM SET primary_conninfo = 'host=127.0.0.1 port=1'")
-                sync_conn.execute("SELECT pg_reload_conf()")
+            await asyncio.to_thread(
+                _run, standby.dsn, "ALTER SYSTEM SET primary_conninfo = 'host=127.0.0.1 port=1'"
+            )
             await wait_until(
                 lambda: _sync_state_is(primary, None), timeout=30, what="standby cut off"
             )
@@ -137,15 +144,16 @@ async def test_failover_to_the_standby(
 
         async def all_succeeded() -> bool:
             try:
-                with psycopg.connect(standby.dsn, autocommit=True) as conn:
-                    row = conn.execute(
-                        sql.SQL("SELECT count(*) FROM {}.jobs WHERE status = 'succeeded'").format(
-                            sql.Identifier(SCHEMA)
-                        )
-                    ).fetchone()
+                done = await asyncio.to_thread(
+                    _one,
+                    standby.dsn,
+                    sql.SQL("SELECT count(*) FROM {}.jobs WHERE status = 'succeeded'")
+                    .format(sql.Identifier(SCHEMA))
+                    .as_string(None),
+                )
             except psycopg.OperationalError:
                 return False
-            return bool(row and row[0] == jobs)
+            return bool(done == jobs)
 
         await wait_until(all_succeeded, timeout=180, interval=0.2, what="every job succeeded")
         acks_after = [
