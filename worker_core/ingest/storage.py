@@ -7,6 +7,16 @@ goes to the dead-letter queue); network trouble, throttling and refused
 credentials are transient (the job is retried, and a breaker around storage can
 pause the worker), because they are fixed outside the job.
 
+Both backends are ``VersionedStorage``: ``stat(key)`` tells an object's version
+(the S3 ETag; a local file's size and modification time in nanoseconds), and
+``list_objects(prefix)`` streams ``ObjectInfo`` page by page, which is what a
+bucket sync walks (in the server's order: AWS lists keys in UTF-8 byte order,
+SeaweedFS folder by folder; ``LocalStorage`` uses byte order). A read given ``version=`` serves that
+version or raises ``VersionChangedError``: S3 sends it as ``If-Match`` and also
+checks the ETag of the response (for servers that ignore the header); a local
+read checks the open file against it, and again at the end (a file rewritten in
+place while it was read).
+
 ``S3Storage`` keeps one aiobotocore client per worker, opened with ``open()``
 (or ``async with``) and closed with ``aclose()``. botocore's standard retry mode
 covers failed requests; a body stream that breaks half-way (which botocore does
@@ -20,8 +30,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import stat as stat_mode
 import tempfile
 from collections.abc import AsyncGenerator, AsyncIterable
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, Self, runtime_checkable
@@ -34,7 +46,15 @@ from worker_core.logs import StructuredLogger
 if TYPE_CHECKING:
     from worker_core.config import StorageSettings
 
-__all__ = ["LocalStorage", "S3Storage", "Storage", "storage_from_config"]
+__all__ = [
+    "LocalStorage",
+    "ObjectInfo",
+    "S3Storage",
+    "Storage",
+    "VersionChangedError",
+    "VersionedStorage",
+    "storage_from_config",
+]
 
 #: Bytes per piece of a streamed read.
 READ_SIZE = 1 << 20
@@ -42,6 +62,20 @@ READ_SIZE = 1 << 20
 PART_SIZE = 8 << 20
 
 _log = StructuredLogger("worker_core.ingest.storage")
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectInfo:
+    """One stored object: its key (without the storage prefix), version and size."""
+
+    key: str
+    version: str
+    size: int
+
+
+class VersionChangedError(TransientError):
+    """The object is no longer the version the read was pinned to (it was replaced,
+    rewritten or removed and re-created). Reading on would stitch two versions."""
 
 
 @runtime_checkable
@@ -66,6 +100,26 @@ class Storage(Protocol):
     async def open(self) -> Any: ...
 
     async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class VersionedStorage(Storage, Protocol):
+    """A ``Storage`` that knows its objects' versions and lists them in key order."""
+
+    def open_stream(
+        self, key: str, *, start: int = 0, version: str | None = None
+    ) -> AsyncGenerator[bytes, None]:
+        """As ``Storage.open_stream``; with ``version``, only that version is read
+        (``VersionChangedError`` otherwise)."""
+        ...
+
+    async def stat(self, key: str) -> ObjectInfo:
+        """The object's version and size (``PermanentError`` when it does not exist)."""
+        ...
+
+    def list_objects(self, prefix: str = "") -> AsyncGenerator[ObjectInfo, None]:
+        """Every object whose key starts with ``prefix``, in the backend's order."""
+        ...
 
 
 def storage_from_config(settings: StorageSettings) -> LocalStorage | S3Storage:
@@ -125,30 +179,82 @@ class LocalStorage(_Lifecycle):
             raise PermanentError(f"storage key {key!r} escapes the storage root", key=key)
         return path
 
-    async def open_stream(self, key: str, *, start: int = 0) -> AsyncGenerator[bytes, None]:
+    async def open_stream(
+        self, key: str, *, start: int = 0, version: str | None = None
+    ) -> AsyncGenerator[bytes, None]:
         path = self.path(key)
         try:
             handle = await asyncio.to_thread(path.open, "rb")
         except FileNotFoundError:
-            raise PermanentError(f"document {key!r} not found in {self.root}", key=key) from None
+            raise self._not_found(key) from None
         except (IsADirectoryError, NotADirectoryError):
             raise PermanentError(f"storage key {key!r} is not a file", key=key) from None
         except OSError as exc:
             raise TransientError(f"cannot open {key!r}: {exc.strerror}", key=key) from exc
         try:
+            # The open file is one inode: an atomic replace (put) cannot change what
+            # it reads, but a rewrite in place can, which the check at the end sees.
+            opened = _local_version(await asyncio.to_thread(os.fstat, handle.fileno()))
+            if version is not None and opened != version:
+                raise VersionChangedError(
+                    f"{key!r} changed since it was first read (version {opened}, pinned {version})",
+                    key=key,
+                )
             if start:
                 await asyncio.to_thread(handle.seek, start)
             while piece := await asyncio.to_thread(handle.read, self.read_size):
                 yield piece
+            ended = _local_version(await asyncio.to_thread(os.fstat, handle.fileno()))
+            if ended != opened:
+                raise VersionChangedError(f"{key!r} was rewritten while it was read", key=key)
         finally:
             await asyncio.to_thread(handle.close)
 
+    def _not_found(self, key: str) -> PermanentError:
+        return PermanentError(f"document {key!r} not found in {self.root}", key=key)
+
     async def size(self, key: str) -> int:
+        return (await self.stat(key)).size
+
+    async def stat(self, key: str) -> ObjectInfo:
         path = self.path(key)
         try:
-            return (await asyncio.to_thread(path.stat)).st_size
-        except FileNotFoundError:
-            raise PermanentError(f"document {key!r} not found in {self.root}", key=key) from None
+            info = await asyncio.to_thread(path.stat)
+        except (FileNotFoundError, NotADirectoryError):
+            raise self._not_found(key) from None
+        if not stat_mode.S_ISREG(info.st_mode):
+            raise PermanentError(f"storage key {key!r} is not a file", key=key)
+        return ObjectInfo(key, _local_version(info), info.st_size)
+
+    async def list_objects(self, prefix: str = "") -> AsyncGenerator[ObjectInfo, None]:
+        """Files under the root whose key starts with ``prefix``, in key order.
+
+        Directories are read one at a time (memory grows with the largest
+        directory, not with the tree). Symbolic links, the temporary files of
+        ``put`` and names that are not valid UTF-8 are skipped.
+        """
+        if "\x00" in prefix or "\\" in prefix or prefix.startswith("/"):
+            raise PermanentError(f"storage prefix {prefix!r} is not a relative path")
+        folder, _, _ = prefix.rpartition("/")
+        if any(part in ("", ".", "..") for part in folder.split("/")) and folder:
+            raise PermanentError(f"storage prefix {prefix!r} escapes the storage root")
+        base = self.root / folder if folder else self.root
+        async for info in self._walk(base, f"{folder}/" if folder else "", prefix):
+            yield info
+
+    async def _walk(
+        self, directory: Path, stem: str, prefix: str
+    ) -> AsyncGenerator[ObjectInfo, None]:
+        for name, is_dir, size, version in await asyncio.to_thread(_scan, directory):
+            key = f"{stem}{name}"
+            if is_dir:
+                # Descend when the directory's keys can match: "a/" under prefix "a/b",
+                # or anything under prefix "a".
+                if (key + "/").startswith(prefix) or prefix.startswith(key + "/"):
+                    async for info in self._walk(directory / name, key + "/", prefix):
+                        yield info
+            elif key.startswith(prefix):
+                yield ObjectInfo(key, version, size)
 
     async def exists(self, key: str) -> bool:
         return await asyncio.to_thread(self.path(key).is_file)
@@ -176,6 +282,43 @@ class LocalStorage(_Lifecycle):
     async def health_check(self) -> None:
         if not await asyncio.to_thread(self.root.is_dir):
             raise TransientError(f"storage root {self.root} is not a directory")
+
+
+def _local_version(info: os.stat_result) -> str:
+    # Size and nanosecond mtime: a copy that keeps modification times (rsync -a, a
+    # restored backup) keeps its versions, where an inode number would not.
+    return f"{info.st_size}-{info.st_mtime_ns}"
+
+
+def _scan(directory: Path) -> list[tuple[str, bool, int, str]]:
+    """(name, is_dir, size, version) of a directory's entries, in key order."""
+    found: list[tuple[str, str, bool, int, str]] = []
+    try:
+        entries = list(os.scandir(directory))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    except OSError as exc:
+        raise TransientError(f"cannot list {directory}: {exc.strerror}") from exc
+    for entry in entries:
+        name = entry.name
+        if entry.is_symlink() or (name.startswith(".") and name.endswith(".part")):
+            continue
+        try:
+            name.encode()
+        except UnicodeEncodeError:  # undecodable bytes in the name (surrogateescape)
+            _log.warning("storage_key_skipped", directory=str(directory), reason="not UTF-8")
+            continue
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                found.append((name + "/", name, True, 0, ""))
+            elif entry.is_file(follow_symlinks=False):
+                info = entry.stat(follow_symlinks=False)
+                found.append((name, name, False, info.st_size, _local_version(info)))
+        except FileNotFoundError:  # removed while listing
+            continue
+    # A directory sorts as its name plus "/": "a.txt" < "a/x" as in S3's byte order.
+    found.sort(key=lambda item: item[0])
+    return [item[1:] for item in found]
 
 
 # -- S3 ---------------------------------------------------------------------------------
@@ -339,16 +482,34 @@ class S3Storage(_Lifecycle):
         response = await self.client.get_object(**args)
         return response["Body"], response.get("ETag")
 
-    async def open_stream(self, key: str, *, start: int = 0) -> AsyncGenerator[bytes, None]:
+    async def open_stream(
+        self, key: str, *, start: int = 0, version: str | None = None
+    ) -> AsyncGenerator[bytes, None]:
         stream_errors = _stream_errors()
-        offset, etag, resumes = start, None, 0
+        offset, etag, resumes = start, version, 0
         while True:
             try:
                 body, tag = await self._get_body(key, offset, etag)
             except Exception as exc:
-                if offset and _code(exc) == "InvalidRange" and await self.size(key) <= offset:
-                    return  # nothing left after ``offset``
+                if offset and _code(exc) == "InvalidRange":
+                    info = await self.stat(key)
+                    if etag is not None and info.version != etag:
+                        raise VersionChangedError(
+                            f"{key!r} in bucket {self.bucket!r} changed since it was first read",
+                            key=key,
+                        ) from exc
+                    if info.size <= offset:
+                        return  # nothing left after ``offset``
                 raise self._error(exc, key, "read") from exc
+            if etag is not None and tag is not None and tag != etag:
+                # A server that ignores If-Match still names what it sent.
+                async with body:
+                    pass
+                raise VersionChangedError(
+                    f"{key!r} in bucket {self.bucket!r} changed since it was first read",
+                    key=key,
+                    bucket=self.bucket,
+                )
             etag = etag or tag
             try:
                 async with body:
@@ -370,11 +531,32 @@ class S3Storage(_Lifecycle):
                 )
 
     async def size(self, key: str) -> int:
+        return (await self.stat(key)).size
+
+    async def stat(self, key: str) -> ObjectInfo:
         try:
             response = await self.client.head_object(Bucket=self.bucket, Key=self.key(key))
         except Exception as exc:
             raise self._error(exc, key, "stat") from exc
-        return int(response["ContentLength"])
+        return ObjectInfo(key, str(response["ETag"]), int(response["ContentLength"]))
+
+    async def list_objects(self, prefix: str = "") -> AsyncGenerator[ObjectInfo, None]:
+        """Objects whose key (after ``self.prefix``) starts with ``prefix``, page by page
+        (1000 keys per request), in the server's order. Folder markers (keys ending
+        in ``/``) are skipped."""
+        paginator = self.client.get_paginator("list_objects_v2")
+        cut = len(self.prefix)
+        pages = paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix.lstrip("/"))
+        try:
+            async for page in pages:
+                for item in page.get("Contents", ()):
+                    key = item["Key"][cut:]
+                    if key and not key.endswith("/"):
+                        yield ObjectInfo(key, str(item["ETag"]), int(item["Size"]))
+        except WorkerCoreError:
+            raise
+        except Exception as exc:
+            raise self._error(exc, None, f"list prefix {prefix!r} of") from exc
 
     async def exists(self, key: str) -> bool:
         try:
@@ -482,8 +664,9 @@ class S3Storage(_Lifecycle):
                 **detail,
             )
         if code == "PreconditionFailed":
-            return TransientError(
-                f"{what} was replaced while it was being read; the next attempt reads it anew",
+            return VersionChangedError(
+                f"{what} was replaced since it was first read; reading on would stitch "
+                "two versions",
                 **detail,
             )
         if code in _THROTTLED:
