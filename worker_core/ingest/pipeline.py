@@ -246,6 +246,7 @@ class ChunkStage(_Stage):
         async with ctx.connection() as conn:
             discarded = await self.worker.catalog.discard(conn, job.document_id, old.version)
         ctx.state["restarts"] = ctx.state.get("restarts", 0) + 1
+        ctx.state["discarded"] = ctx.state.get("discarded", 0) + discarded
         ctx.state.pop("outcome", None)
         pin = await self._pin(ctx, job)
         ctx.logger.warning(
