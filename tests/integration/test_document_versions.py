@@ -314,7 +314,9 @@ async def test_deletes_are_idempotent_and_a_deleted_document_can_return(
 
     bad = await ingest(queue, worker, {"document_id": "a", "delete": "yes"})
     assert bad.status is JobStatus.DEAD
-    assert bad.last_error is not None and "'delete' must be true or false" in bad.last_error["message"]
+    assert (
+        bad.last_error is not None and "'delete' must be true or false" in bad.last_error["message"]
+    )
     both = await ingest(queue, worker, {"document_id": "a", "delete": True, "backfill": True})
     assert both.status is JobStatus.DEAD
 
@@ -331,7 +333,9 @@ async def test_a_read_pinned_before_a_newer_one_is_superseded(
         old_pin, _ = await catalog.pin(conn, "doc")
         new_pin, _ = await catalog.pin(conn, "doc")
         for version in ("old", "new"):
-            await writer.write(conn, [Chunk("doc", i, f"{version} {i}", version=version) for i in range(3)])
+            await writer.write(
+                conn, [Chunk("doc", i, f"{version} {i}", version=version) for i in range(3)]
+            )
         args = {"document_id": "doc", "storage_key": "doc.txt", "chunks": 3, "job_id": None,
                 "allow_pending": True}  # fmt: skip
         done = await catalog.finalize(conn, version="new", pinned_at=new_pin, **args)

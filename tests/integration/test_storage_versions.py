@@ -50,7 +50,7 @@ async def test_local_versions_are_size_and_mtime(tmp_path: Path) -> None:
     os.utime(tmp_path / "doc.txt", ns=(st.st_atime_ns, st.st_mtime_ns))
     assert (await storage.stat("doc.txt")).version == info.version
     await storage.put("doc.txt", b"second")
-    with pytest.raises(VersionChangedError, match="'doc.txt' changed since it was first read"):
+    with pytest.raises(VersionChangedError, match=r"'doc\.txt' changed since it was first read"):
         await read(storage, "doc.txt", start=2, version=info.version)
     with pytest.raises(PermanentError, match="not found"):
         await storage.stat("absent.txt")
@@ -84,7 +84,12 @@ async def test_local_listing_is_in_byte_order_and_respects_the_prefix(tmp_path: 
     assert [i.key for i in found] == utf8_sorted(KEYS)
     assert found[0] == await storage.stat("a.txt")
     assert [i.key for i in await listing(storage, "a/")] == ["a/b.txt", "a/c/d.txt"]
-    assert [i.key for i in await listing(storage, "a")] == ["a.txt", "a/b.txt", "a/c/d.txt", "a0.txt"]
+    assert [i.key for i in await listing(storage, "a")] == [
+        "a.txt",
+        "a/b.txt",
+        "a/c/d.txt",
+        "a0.txt",
+    ]
     assert [i.key for i in await listing(storage, "a/c/d")] == ["a/c/d.txt"]
     assert [i.key for i in await listing(storage, "nothing/")] == []
     for bad in ("../", "a/../../", "/etc/"):
@@ -164,4 +169,9 @@ async def test_s3_listing_strips_the_prefix_and_skips_folder_markers(
     assert sorted(i.key for i in found) == sorted(KEYS)
     assert {i.key: i for i in found}["a/b.txt"] == await s3.stat("a/b.txt")
     assert sorted(i.key for i in await listing(s3, "a/")) == ["a/b.txt", "a/c/d.txt"]
-    assert sorted(i.key for i in await listing(s3, "a")) == ["a.txt", "a/b.txt", "a/c/d.txt", "a0.txt"]
+    assert sorted(i.key for i in await listing(s3, "a")) == [
+        "a.txt",
+        "a/b.txt",
+        "a/c/d.txt",
+        "a0.txt",
+    ]

@@ -142,7 +142,9 @@ async def test_sync_then_ingest_end_to_end_on_s3(
     assert job.state["outcome"] == "unchanged"
 
 
-def test_sync_command(pg_dsn: str, schema: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sync_command(
+    pg_dsn: str, schema: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("WORKER_CORE_STORAGE__LOCAL_ROOT", str(tmp_path))
     for i in range(5):
         (tmp_path / f"d{i}.txt").write_text(f"doc {i}")

@@ -26,7 +26,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from worker_core.errors import CircuitOpenError, PermanentError, TransientError
-from worker_core.http import ServiceClient
+from worker_core.http import ServiceClient, ServiceResponse
 from worker_core.ratelimit import TokenBucket
 
 if TYPE_CHECKING:
@@ -176,31 +176,21 @@ class HttpEmbedder:
         payload: dict[str, Any] = {"model": self.model, "input": batch, "encoding_format": "float"}
         if self.send_dimensions:
             payload["dimensions"] = self.dimensions
+        where = f"embeddings: batch of texts {offset}..{offset + len(batch) - 1}"
         refused: list[CircuitOpenError] = []
+        parsed: list[Any] = []  # the body, parsed once by the check
         for client in self.clients:
             try:
-                response = await client.request("POST", json=payload)
+                await client.request(
+                    "POST", json=payload, validate=self._same_model(client.name, where, parsed)
+                )
             except CircuitOpenError as exc:
                 refused.append(exc)  # this endpoint is out: try the next
                 continue
             break
         else:
             raise min(refused, key=lambda e: e.retry_after or 0.0)
-        where = f"embeddings: batch of texts {offset}..{offset + len(batch) - 1}"
-        try:
-            body = response.json()
-        except PermanentError as exc:
-            raise PermanentError(f"{where}: {exc}") from None
-        model = body.get("model") if isinstance(body, dict) else None
-        if isinstance(model, str) and model and model != self.model:
-            # Not the batch's fault: this endpoint serves another model. Its vectors
-            # would not be comparable with the others, so none are taken.
-            raise TransientError(
-                f"{where}: {client.name} answered with model {model!r}, expected "
-                f"{self.model!r}; its vectors are refused",
-                service=client.name,
-                model=model,
-            )
+        body = parsed[-1]
         data = body.get("data") if isinstance(body, dict) else None
         if not isinstance(data, list):
             raise PermanentError(f"{where}: the response has no 'data' list")
@@ -215,6 +205,29 @@ class HttpEmbedder:
                 raise PermanentError(f"{where}: index {index} appears twice")
             slots[index] = self._vector(item.get("embedding"), where, offset + index)
         return [v for v in slots if v is not None]
+
+    def _same_model(
+        self, service: str, where: str, parsed: list[Any]
+    ) -> Callable[[ServiceResponse], None]:
+        def check(response: ServiceResponse) -> None:
+            try:
+                body = response.json()
+            except PermanentError as exc:
+                raise PermanentError(f"{where}: {exc}") from None
+            parsed.append(body)
+            model = body.get("model") if isinstance(body, dict) else None
+            if isinstance(model, str) and model and model != self.model:
+                # Inside the breaker call: an endpoint serving another model counts as
+                # failing, so its breaker opens and the next endpoint serves. Its
+                # vectors would not be comparable with the others: none are taken.
+                raise TransientError(
+                    f"{where}: {service} answered with model {model!r}, expected "
+                    f"{self.model!r}; its vectors are refused",
+                    service=service,
+                    model=model,
+                )
+
+        return check
 
     def _vector(self, raw: Any, where: str, text_index: int) -> list[float]:
         if not isinstance(raw, list):

@@ -423,7 +423,7 @@ class FinalizeStage(_Stage):
             recorded=result.outcome in (Outcome.INGESTED, Outcome.REPLACED),
         )
         worker.outcomes[outcome] += 1
-        if result.embeddings_pending:
+        if result.embeddings_pending and ctx.state["recorded"]:
             worker.outcomes["embeddings_pending"] += 1
         ctx.logger.info(
             f"document {outcome}",
