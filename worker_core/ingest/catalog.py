@@ -176,6 +176,12 @@ class DocumentCatalog:
         Raises:
             PermanentError: the chunks table does not hold the version completely.
         """
+        current = await self.document(conn, document_id)
+        if current is not None and current.version == version and not current.deleted:
+            # Unchanged: read-only, so no lock, no write and no commit to wait for.
+            pending = await self._verify(conn, document_id, version, chunks, model, allow_pending)
+            if pending == current.embeddings_pending:
+                return Finalized(Outcome.UNCHANGED, embeddings_pending=pending)
         async with conn.transaction():
             old, created = await self._lock(conn, document_id, storage_key)
             unchanged = old.version == version and not old.deleted
