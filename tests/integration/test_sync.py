@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,7 @@ from psycopg import sql
 from worker_core import JobStatus, Queue, WorkerConfig
 from worker_core.cli import main
 from worker_core.ingest.document_worker import DocumentWorker
-from worker_core.ingest.storage import LocalStorage, S3Storage
+from worker_core.ingest.storage import LocalStorage, ObjectInfo, S3Storage
 from worker_core.ingest.sync import SyncResult, sync_prefix
 
 
@@ -163,3 +163,19 @@ def test_sync_command(
     err = io.StringIO()
     assert main([*base, "sync", "../x"], stdout=io.StringIO(), stderr=err) == 1
     assert "escapes the storage root" in err.getvalue()
+
+
+class WithABadKey(LocalStorage):
+    """A listing with a key no PostgreSQL text can hold (S3 allows control characters)."""
+
+    async def list_objects(self, prefix: str = "") -> AsyncGenerator[ObjectInfo, None]:
+        yield ObjectInfo("bad\x00key.txt", "1-1", 1)
+        async for info in super().list_objects(prefix):
+            yield info
+
+
+async def test_a_key_no_job_can_carry_is_skipped_not_fatal(queue: Queue, tmp_path: Path) -> None:
+    (tmp_path / "good.txt").write_text("fine")
+    result = await sync_prefix(queue, WithABadKey(tmp_path))
+    assert (result.new, result.skipped) == (1, 1)
+    assert "(1 keys skipped)" in result.summary()

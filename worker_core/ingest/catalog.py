@@ -30,7 +30,7 @@ from psycopg import AsyncConnection
 
 from worker_core.errors import PermanentError
 from worker_core.sql import load_queries, render
-from worker_core.writes import ChunkWriter
+from worker_core.writes import ChunkWriter, DocumentCounts
 
 __all__ = [
     "DocumentCatalog",
@@ -176,76 +176,51 @@ class DocumentCatalog:
         Raises:
             PermanentError: the chunks table does not hold the version completely.
         """
-        current = await self.document(conn, document_id)
+        # Statements go out in pipelines: one round trip per step, not per statement.
+        key = {"document_id": document_id}
+        async with conn.pipeline():
+            cur = await conn.execute(self._sql["document"], key)
+            counts = await self.writer.counts(conn, document_id, version=version, model=model)
+            row = await cur.fetchone()
+        current = DocumentRecord(*row) if row else None
         if current is not None and current.version == version and not current.deleted:
             # Unchanged: read-only, so no lock, no write and no commit to wait for.
-            pending = await self._verify(conn, document_id, version, chunks, model, allow_pending)
+            pending = _check(document_id, version, chunks, model, allow_pending, counts)
             if pending == current.embeddings_pending:
                 return Finalized(Outcome.UNCHANGED, embeddings_pending=pending)
         async with conn.transaction():
-            old, created = await self._lock(conn, document_id, storage_key)
+            async with conn.pipeline():
+                ensured = await conn.execute(
+                    self._sql["ensure_document"], {**key, "storage_key": storage_key}
+                )
+                locked = await conn.execute(self._sql["lock_document"], key)
+                # After the lock: no finalize of this document can change them now.
+                counts = await self.writer.counts(conn, document_id, version=version, model=model)
+                created = await ensured.fetchone() is not None
+                old = DocumentRecord(*(await locked.fetchone() or ()))
             unchanged = old.version == version and not old.deleted
             if not unchanged and pinned_at < old.pinned_at:
                 await self.discard(conn, document_id, version)
                 return Finalized(Outcome.SUPERSEDED)
-            pending = await self._verify(conn, document_id, version, chunks, model, allow_pending)
+            pending = _check(document_id, version, chunks, model, allow_pending, counts)
             if unchanged:
-                await self._count(conn, "set_pending", document_id=document_id, pending=pending)
+                await self._count(conn, "set_pending", **key, pending=pending)
                 return Finalized(Outcome.UNCHANGED, embeddings_pending=pending)
-            await self._count(
-                conn,
-                "make_current",
-                document_id=document_id,
-                storage_key=storage_key,
-                version=version,
-                pinned_at=pinned_at,
-                chunks=chunks,
-                job_id=job_id,
-                pending=pending,
-            )
-            replaced = await self._count(
-                conn,
-                "drop_replaced_chunks",
-                document_id=document_id,
-                version=version,
-                old_version=old.version,
-                pinned_at=pinned_at,
-            )
+            async with conn.pipeline():
+                await conn.execute(
+                    self._sql["make_current"],
+                    {**key, "storage_key": storage_key, "version": version,
+                     "pinned_at": pinned_at, "chunks": chunks, "job_id": job_id,
+                     "pending": pending},
+                )  # fmt: skip
+                dropped = await conn.execute(
+                    self._sql["drop_replaced_chunks"],
+                    {**key, "version": version, "old_version": old.version,
+                     "pinned_at": pinned_at},
+                )  # fmt: skip
+            replaced = max(dropped.rowcount, 0)
         outcome = Outcome.INGESTED if created or old.deleted else Outcome.REPLACED
         return Finalized(outcome, replaced, pending)
-
-    async def _verify(
-        self,
-        conn: AsyncConnection[Any],
-        document_id: str,
-        version: str,
-        expected: int,
-        model: str | None,
-        allow_pending: bool,
-    ) -> bool:
-        """Check the version's chunks; whether some still lack an embedding."""
-        counts = await self.writer.counts(conn, document_id, version=version, model=model)
-        problem = None
-        if counts.chunks != expected or counts.next_index != expected:
-            problem = (
-                f"holds {counts.chunks} chunks of version {version!r} (indexes up to "
-                f"{counts.next_index - 1}) but the document has {expected}"
-            )
-        elif counts.embedded != counts.chunks and not allow_pending:
-            problem = (
-                f"has {counts.chunks - counts.embedded} chunks of version {version!r} "
-                f"without an embedding of model {model!r}"
-            )
-        if problem is not None:
-            raise PermanentError(
-                f"document {document_id!r}: the chunks table {problem}",
-                document_id=document_id,
-                version=version,
-                expected=expected,
-                stored=counts.chunks,
-                embedded=counts.embedded,
-            )
-        return counts.embedded != counts.chunks
 
     async def delete(
         self, conn: AsyncConnection[Any], document_id: str, storage_key: str = ""
@@ -304,6 +279,39 @@ class DocumentCatalog:
     async def forget(self, conn: AsyncConnection[Any], keys: Sequence[str]) -> None:
         if keys:
             await conn.execute(self._sql["forget_listed"], {"keys": list(keys)})
+
+
+def _check(
+    document_id: str,
+    version: str,
+    expected: int,
+    model: str | None,
+    allow_pending: bool,
+    counts: DocumentCounts,
+) -> bool:
+    """Whether the version's chunks are complete (else ``PermanentError``) and some
+    still lack an embedding."""
+    problem = None
+    if counts.chunks != expected or counts.next_index != expected:
+        problem = (
+            f"holds {counts.chunks} chunks of version {version!r} (indexes up to "
+            f"{counts.next_index - 1}) but the document has {expected}"
+        )
+    elif counts.embedded != counts.chunks and not allow_pending:
+        problem = (
+            f"has {counts.chunks - counts.embedded} chunks of version {version!r} "
+            f"without an embedding of model {model!r}"
+        )
+    if problem is not None:
+        raise PermanentError(
+            f"document {document_id!r}: the chunks table {problem}",
+            document_id=document_id,
+            version=version,
+            expected=expected,
+            stored=counts.chunks,
+            embedded=counts.embedded,
+        )
+    return counts.embedded != counts.chunks
 
 
 def dedupe_key(action: str, document_id: str, version: str = "") -> str:

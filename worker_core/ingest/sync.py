@@ -27,12 +27,15 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from worker_core.logs import StructuredLogger
 from worker_core.queue import Queue
 
 from .catalog import DocumentCatalog, ListedObject, dedupe_key
 from .storage import ObjectInfo, VersionedStorage
 
 __all__ = ["SyncResult", "sync_prefix"]
+
+_log = StructuredLogger("worker_core.ingest.sync")
 
 
 @dataclass
@@ -45,6 +48,8 @@ class SyncResult:
     changed: int = 0
     removed: int = 0
     unchanged: int = 0
+    #: Keys no job can carry (a NUL character): logged and left alone.
+    skipped: int = 0
 
     @property
     def jobs(self) -> int:
@@ -56,6 +61,7 @@ class SyncResult:
             f"listed {self.listed} objects under {self.prefix!r}: {self.new} new, "
             f"{self.changed} changed, {self.removed} removed, {self.unchanged} unchanged; "
             f"enqueued {self.jobs} jobs"
+            + (f" ({self.skipped} keys skipped)" if self.skipped else "")
         )
 
 
@@ -85,6 +91,10 @@ async def sync_prefix(
     page: list[ObjectInfo] = []
     async with aclosing(storage.list_objects(prefix)) as listing:
         async for info in listing:
+            if "\x00" in info.key:  # PostgreSQL text cannot hold it: one bad key must
+                result.skipped += 1  # not stop the sync of all the others
+                _log.warning("sync_key_skipped", key=repr(info.key)[:200], reason="NUL character")
+                continue
             page.append(info)
             if len(page) >= batch_size:
                 await _sync_page(queue, catalog, page, result, queue_name)
