@@ -16,10 +16,10 @@ if TYPE_CHECKING:
     from .document_worker import DocumentWorker
     from .embedders import Embedder, HashingEmbedder
     from .http_embedder import HttpEmbedder
+    from .s3 import S3Storage
     from .storage import (
         LocalStorage,
         ObjectInfo,
-        S3Storage,
         Storage,
         VersionChangedError,
         VersionedStorage,
@@ -38,7 +38,7 @@ _EXPORTS: dict[str, str] = {
     "LocalStorage": "storage",
     "ObjectInfo": "storage",
     "Outcome": "catalog",
-    "S3Storage": "storage",
+    "S3Storage": "s3",
     "Storage": "storage",
     "SyncResult": "sync",
     "TextChunk": "chunker",
