@@ -113,6 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="embedded PostgreSQL data directory (kept between runs)",
     )
     p.add_argument("--storage-dir", type=Path, default=None)
+
+    p = sub.add_parser(
+        "sync", help="enqueue ingest jobs for new and changed objects, deletes for vanished"
+    )
+    p.add_argument("prefix", metavar="PREFIX", help="a key prefix in storage ('' for all)")
+    p.add_argument("--batch", type=int, default=1000, help="differences per transaction")
+    p.add_argument("--json", action="store_true")
     return parser
 
 
@@ -470,6 +477,24 @@ async def cmd_health(args: argparse.Namespace, out: IO[str]) -> int:
     return EXIT_UNHEALTHY if report.status == HealthStatus.UNHEALTHY else EXIT_OK
 
 
+async def cmd_sync(args: argparse.Namespace, out: IO[str]) -> int:
+    from .ingest.storage import storage_from_config
+    from .ingest.sync import sync_prefix
+    from .queue import Queue
+
+    if args.batch < 1:
+        raise CommandError("--batch must be at least 1")
+    config = load_config(args)
+    require_dsn(config)
+    async with Queue(config) as queue, storage_from_config(config.storage) as storage:
+        result = await sync_prefix(queue, storage, args.prefix, batch_size=args.batch)
+    if args.json:
+        out.write(json.dumps({**vars(result), "jobs": result.jobs}) + "\n")
+    else:
+        out.write(result.summary() + f" on {config.queue.name!r}\n")
+    return EXIT_OK
+
+
 async def cmd_demo(args: argparse.Namespace, out: IO[str]) -> int:
     from .demo import run_demo
 
@@ -502,6 +527,7 @@ def main(
         "dead-letters": lambda: cmd_dead_letters(args, out),
         "health": lambda: cmd_health(args, out),
         "demo": lambda: cmd_demo(args, out),
+        "sync": lambda: cmd_sync(args, out),
     }
     try:
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:

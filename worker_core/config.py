@@ -359,13 +359,22 @@ class EmbeddingSettings(_Section):
     batch_size: int = Field(default=64, ge=1, le=4096)
     timeout: float = Field(default=30.0, gt=0, le=HOUR)
     requests_per_second: float | None = Field(default=None, gt=0, le=MAX_COUNT)
+    fallback_endpoints: list[str] = Field(
+        default_factory=list,
+        max_length=8,
+        description="other endpoints serving the same model, tried in order while the "
+        "breakers of those before them are open",
+    )
 
     @model_validator(mode="after")
     def _check_provider(self) -> EmbeddingSettings:
         if self.provider == "http" and not self.endpoint:
             raise ValueError("endpoint is required when provider is 'http'")
-        if self.endpoint and not self.endpoint.startswith(("http://", "https://")):
-            raise ValueError("endpoint must be an http:// or https:// URL")
+        for url in (self.endpoint, *self.fallback_endpoints):
+            if url and not url.startswith(("http://", "https://")):
+                raise ValueError("endpoint and fallback_endpoints must be http(s):// URLs")
+        if len({self.endpoint, *self.fallback_endpoints}) != 1 + len(self.fallback_endpoints):
+            raise ValueError("fallback_endpoints must differ from endpoint and from each other")
         return self
 
 
@@ -384,6 +393,18 @@ class IngestSettings(_Section):
         ge=0,
         le=HOUR,
         description="seconds between cursor checkpoints of the chunk stage",
+    )
+    on_embedding_outage: Literal["defer", "finalize_pending"] = Field(
+        default="defer",
+        description="while the embedding service's breakers are open: defer documents, or "
+        "finalize them searchable by text and backfill their embeddings later",
+    )
+    backfill_interval: float = Field(
+        default=60.0,
+        gt=0,
+        le=86_400,
+        description="seconds between sweeps for documents awaiting embeddings (also swept "
+        "when an embeddings breaker closes)",
     )
 
     @model_validator(mode="after")
@@ -508,6 +529,11 @@ class WorkerConfig(BaseSettings):
             and not _is_loopback(self.embedding.endpoint)
         ):
             problems.append("embedding.endpoint must use https:// when an api_key is set")
+        if self.embedding.api_key is not None and any(
+            url.startswith("http://") and not _is_loopback(url)
+            for url in self.embedding.fallback_endpoints
+        ):
+            problems.append("embedding.fallback_endpoints must use https:// with an api_key")
         if problems:
             raise ValueError(
                 "environment=production refuses insecure settings: " + "; ".join(problems)

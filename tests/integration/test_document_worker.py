@@ -263,8 +263,11 @@ async def test_ingest_from_s3(
     await worker.run(until_empty=True, install_signal_handlers=False)
     job = await queue.get(ok)
     assert job is not None and job.status is JobStatus.SUCCEEDED
+    version = job.state["pin"]["version"]
+    async with S3Storage.from_settings(config.storage) as storage:
+        assert version == (await storage.stat("a.txt")).version  # the ETag is the version
     async with queue.connection() as conn:
-        counts = await ChunkWriter(queue.schema).counts(conn, "a")
+        counts = await ChunkWriter(queue.schema).counts(conn, "a", version=version)
     assert counts.chunks == counts.embedded == len(Chunker().split(text))
     dead = await queue.get(missing)
     assert dead is not None and dead.status is JobStatus.DEAD
