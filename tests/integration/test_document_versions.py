@@ -336,7 +336,7 @@ async def test_a_read_pinned_before_a_newer_one_is_superseded(
             await writer.write(
                 conn, [Chunk("doc", i, f"{version} {i}", version=version) for i in range(3)]
             )
-        args = {"document_id": "doc", "storage_key": "doc.txt", "chunks": 3, "job_id": None,
+        args: dict[str, Any] = {"document_id": "doc", "storage_key": "doc.txt", "chunks": 3, "job_id": None,
                 "allow_pending": True}  # fmt: skip
         done = await catalog.finalize(conn, version="new", pinned_at=new_pin, **args)
         assert done.outcome == "ingested" and done.embeddings_pending

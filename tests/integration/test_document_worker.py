@@ -148,10 +148,12 @@ class FlakyStorage(LocalStorage):
         self.fail_after = fail_after
         self.starts: list[int] = []
 
-    async def open_stream(self, key: str, *, start: int = 0) -> AsyncGenerator[bytes, None]:
+    async def open_stream(
+        self, key: str, *, start: int = 0, version: str | None = None
+    ) -> AsyncGenerator[bytes, None]:
         self.starts.append(start)
         sent = 0
-        async for piece in super().open_stream(key, start=start):
+        async for piece in super().open_stream(key, start=start, version=version):
             yield piece
             sent += len(piece)
             if len(self.starts) == 1 and sent >= self.fail_after:
@@ -204,9 +206,11 @@ class CountingStorage(LocalStorage):
         super().__init__(root)
         self.streams = 0
 
-    async def open_stream(self, key: str, *, start: int = 0) -> AsyncGenerator[bytes, None]:
+    async def open_stream(
+        self, key: str, *, start: int = 0, version: str | None = None
+    ) -> AsyncGenerator[bytes, None]:
         self.streams += 1
-        async for piece in super().open_stream(key, start=start):
+        async for piece in super().open_stream(key, start=start, version=version):
             yield piece
 
 

@@ -155,7 +155,7 @@ async def nothing_pending(queue: Queue) -> bool:
         "SELECT (SELECT count(*) FROM {s}.documents WHERE embeddings_pending) + "
         "(SELECT count(*) FROM {s}.current_chunks WHERE embedding IS NULL)",
     )
-    return rows[0][0] == 0
+    return bool(rows[0][0] == 0)
 
 
 async def test_claiming_pauses_only_when_no_other_endpoint_can_serve(

@@ -79,7 +79,10 @@ async def test_sync_of_10000_objects_enqueues_exactly_the_differences(
     )  # fmt: skip
     assert await total_jobs(queue) == 10_150  # exactly 150 new jobs
     new_jobs = await payloads_after(queue, mark)
-    keys = lambda paths: {str(p.relative_to(tmp_path)) for p in paths}  # noqa: E731
+
+    def keys(paths: list[Path]) -> set[str]:
+        return {str(p.relative_to(tmp_path)) for p in paths}
+
     assert {p["key"] for p in new_jobs if not p.get("delete")} == keys(changed)
     assert {p["document_id"] for p in new_jobs if p.get("delete")} == keys(removed)
 

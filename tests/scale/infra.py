@@ -137,7 +137,6 @@ class WorkerProcess:
                 what=what,
             )
         )
-        return found
 
     async def wait_count(self, first: str, ids: set[int], *, timeout: float, what: str) -> float:
         """Wait until ``first <id> ...`` lines cover every id of ``ids``."""

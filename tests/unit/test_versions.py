@@ -87,7 +87,7 @@ def test_ingest_and_embedding_settings() -> None:
 )
 def test_bad_settings_name_the_field(section: str, value: dict[str, Any], field: str) -> None:
     with pytest.raises(ValidationError, match=field):
-        WorkerConfig(**{section: value})
+        WorkerConfig(**{section: value})  # type: ignore[arg-type]
 
 
 def test_fallbacks_must_differ_and_use_https_in_production() -> None:

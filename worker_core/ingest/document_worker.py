@@ -202,16 +202,17 @@ class DocumentWorker(BaseWorker):
         offered (deduplicated: one job per document and version while it waits)."""
         offered = 0
         after = ""
-        queue = Queue(self.config, pool=self.pool)
+        queue = Queue(self.config)  # never opened: it writes on the worker's connection
         while True:
             async with self.connection() as conn:
                 rows = await self.catalog.pending(conn, after=after, limit=batch_size)
-            if not rows:
-                return offered
-            await queue.enqueue_many(
-                [{"document_id": document_id, "backfill": True} for document_id, _ in rows],
-                dedupe_keys=[dedupe_key("backfill", d, v) for d, v in rows],
-            )
+                if not rows:
+                    return offered
+                await queue.enqueue_many(
+                    [{"document_id": document_id, "backfill": True} for document_id, _ in rows],
+                    dedupe_keys=[dedupe_key("backfill", d, v) for d, v in rows],
+                    connection=conn,
+                )
             offered += len(rows)
             after = rows[-1][0]
 
