@@ -32,12 +32,6 @@ from worker_core.logs import unconfigure_logging
 ROOT = Path(__file__).parents[2]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FENCE = re.compile(r"^```(?P<info>[^\n`]*)\n(?P<code>.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
-#: Pages whose runnable blocks need a contract change made on another branch.
-#: writing-stages.md: stages() is called after on_startup() (DESIGN section 4); the
-#: core branch makes run() do so. Strict: once it does, this xfail fails: delete it.
-PENDING = {
-    "writing-stages.md": "stages() after on_startup(): lands with the core v2 branch",
-}
 
 
 @dataclass(frozen=True)
@@ -102,10 +96,7 @@ def _pages_with_runnable_blocks() -> list[Any]:
     params = []
     for page in PAGES:
         if any(not b.is_fragment for b in python_blocks(page)):
-            marks = []
-            if page.name in PENDING:
-                marks.append(pytest.mark.xfail(reason=PENDING[page.name], strict=True))
-            params.append(pytest.param(page, id=page.name, marks=marks))
+            params.append(pytest.param(page, id=page.name))
     return params
 
 
