@@ -98,6 +98,8 @@ class DocumentWorker(BaseWorker):
 
     ``outcomes`` counts what this worker's jobs did to their documents
     (``ingested``, ``replaced``, ``unchanged``, ``superseded``, ``deleted``, ...).
+    A subclass that overrides ``on_startup`` or ``on_shutdown`` calls ``super()``:
+    they open storage and run the embeddings backfill loop.
     """
 
     def __init__(
