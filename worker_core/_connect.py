@@ -1,9 +1,10 @@
-"""Opening connections: the pool, and failing fast where waiting cannot help.
+"""Connection failures that waiting cannot fix, told apart from those it can.
 
 A connection that fails because the database does not exist, the password is wrong
 or the server refuses the SSL mode fails the same way on every retry; waiting out
 ``connect_timeout`` and then reporting "cannot connect" hides the server's own
-message. ``open_pool`` therefore makes one direct connection first: a failure that
+message. ``queue.open_pool`` therefore makes one direct connection first
+(``connect_once``): a failure that
 retrying cannot fix is raised at once with the server's message and a hint; any
 other (server down, still starting, too many connections) is retried by the pool
 until ``connect_timeout``, and then reported with the last server message.
