@@ -1,11 +1,19 @@
 # Two commands do all set-up on a fresh machine with Python 3.11+:
 #   make demo   runs the demo on an embedded PostgreSQL (nothing else to install)
-#   make test   runs the whole test suite on an embedded PostgreSQL and S3 endpoint
+#   make test   lints (ruff), type-checks (mypy --strict over the package, tests,
+#               examples and bench) and runs the whole suite on an embedded
+#               PostgreSQL and S3 endpoint
+# Other Pythons side by side: make test PYTHON=python3.13 VENV=.venv-3.13
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# Extra pytest arguments, e.g. PYTEST_ARGS='-m "not slow"' or PYTEST_ARGS=tests/unit
+PYTEST_ARGS ?=
+# `make fuzz`: property tests only, random examples, FUZZ_FACTOR times as many as CI.
+FUZZ_FACTOR ?= 20
+SOURCES := worker_core tests bench examples
 
-.PHONY: test demo lint typecheck bench clean
+.PHONY: test suite demo lint typecheck fuzz bench clean
 
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "worker_core needs Python 3.11 or newer (set PYTHON=...)")'
@@ -14,22 +22,29 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	@touch $@
 
-test: $(VENV)/.installed
-	$(BIN)/python -m pytest -q
+test: lint typecheck suite
+
+suite: $(VENV)/.installed
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 demo: $(VENV)/.installed
 	$(BIN)/worker-core demo
 
 lint: $(VENV)/.installed
-	$(BIN)/ruff check worker_core tests bench examples
-	$(BIN)/ruff format --check worker_core tests bench examples
+	$(BIN)/ruff check $(SOURCES)
+	$(BIN)/ruff format --check $(SOURCES)
 
 typecheck: $(VENV)/.installed
-	$(BIN)/mypy
+	$(BIN)/mypy --strict
+
+fuzz: $(VENV)/.installed
+	HYPOTHESIS_PROFILE=fuzz WORKER_CORE_FUZZ_FACTOR=$(FUZZ_FACTOR) \
+		$(BIN)/python -m pytest -q -m hypothesis --hypothesis-show-statistics \
+		-p no:randomly --timeout=3600 $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed
 	$(BIN)/python bench/enqueue.py
 	$(BIN)/python bench/throughput.py
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf .venv .venv-* build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

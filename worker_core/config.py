@@ -43,7 +43,17 @@ __all__ = [
     "WorkerConfig",
 ]
 
-IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+#: A plain SQL identifier; always used with ``fullmatch`` (``$`` lets a trailing newline in).
+IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+
+# Upper bounds of durations (seconds). A value beyond them is a typo or an attack,
+# and a huge one overflows PostgreSQL's interval or timestamp arithmetic.
+MINUTE = 60
+HOUR = 3600
+DAY = 86_400
+YEAR = 365 * DAY
+#: Bound of every count-like size setting (batch sizes, rows, calls).
+MAX_COUNT = 1_000_000
 
 
 class Dsn(SecretStr):
@@ -78,9 +88,21 @@ def _validate_dsn(value: str) -> str:
     return text
 
 
+def _no_control_chars(value: str) -> str:
+    if any(ord(c) < 32 or c == "\x7f" for c in value):
+        raise ValueError("must not contain control characters (NUL, newline, ...)")
+    return value
+
+
 class _Section(BaseModel):
+    # allow_inf_nan=False: inf and NaN are refused in every float field of every
+    # section, from code and from the environment ("inf" as text too).
     model_config = ConfigDict(
-        extra="forbid", frozen=True, hide_input_in_errors=True, validate_default=True
+        extra="forbid",
+        frozen=True,
+        hide_input_in_errors=True,
+        validate_default=True,
+        allow_inf_nan=False,
     )
 
 
@@ -104,15 +126,21 @@ with warnings.catch_warnings():
             default="worker_core",
             description="schema holding every table; two schemas are two isolated installs",
         )
-        pool_min_size: int = Field(default=1, ge=1)
-        pool_max_size: int = Field(default=10, ge=1)
-        connect_timeout: float = Field(default=10.0, gt=0)
+        pool_min_size: int = Field(default=1, ge=1, le=10_000)
+        pool_max_size: int = Field(default=10, ge=1, le=10_000)
+        connect_timeout: float = Field(default=10.0, gt=0, le=10 * MINUTE)
         prepare_threshold: int | None = Field(
             default=5,
             ge=0,
+            le=MAX_COUNT,
             description="psycopg auto-prepare threshold; None behind PgBouncer transaction mode",
         )
         application_name: str = Field(default="worker_core", max_length=63)
+
+        @field_validator("application_name")
+        @classmethod
+        def _check_application_name(cls, value: str) -> str:
+            return _no_control_chars(value)
 
         @field_validator("dsn", "listen_dsn", mode="before")
         @classmethod
@@ -126,10 +154,11 @@ with warnings.catch_warnings():
         @field_validator("schema")
         @classmethod
         def _check_schema(cls, value: str) -> str:
-            if not IDENTIFIER.match(value):
+            if not IDENTIFIER.fullmatch(value):
                 raise ValueError(
-                    "must be a plain SQL identifier: lower-case letters, digits and _, "
-                    "not starting with a digit, at most 63 characters"
+                    "must be a plain SQL identifier (full match of [a-z_][a-z0-9_]*: "
+                    "lower-case letters, digits and _, not starting with a digit, "
+                    "at most 63 characters)"
                 )
             if value.startswith("pg_"):
                 raise ValueError("must not start with pg_ (reserved by PostgreSQL)")
@@ -147,10 +176,12 @@ class QueueSettings(_Section):
 
     name: str = Field(default="default", min_length=1, max_length=200)
     concurrency: int = Field(default=10, ge=1, le=10_000, description="jobs in flight per worker")
-    poll_interval: float = Field(default=1.0, gt=0, description="fallback poll (s) without NOTIFY")
-    lease_seconds: float = Field(default=30.0, gt=0)
-    heartbeat_seconds: float = Field(default=10.0, gt=0)
-    shutdown_timeout: float = Field(default=30.0, ge=0)
+    poll_interval: float = Field(
+        default=1.0, gt=0, le=HOUR, description="fallback poll (s) without NOTIFY"
+    )
+    lease_seconds: float = Field(default=30.0, gt=0, le=DAY)
+    heartbeat_seconds: float = Field(default=10.0, gt=0, le=DAY)
+    shutdown_timeout: float = Field(default=30.0, ge=0, le=DAY)
     flush_interval: float = Field(
         default=0.0,
         ge=0,
@@ -158,14 +189,18 @@ class QueueSettings(_Section):
         description="extra delay (s) to batch outcome writes; 0 writes at once and batches "
         "what arrives while a write is in flight (group commit)",
     )
-    flush_max: int = Field(default=500, ge=1, description="completions written per statement")
+    flush_max: int = Field(
+        default=500, ge=1, le=100_000, description="completions written per statement"
+    )
     prefetch: int = Field(
         default=0,
         ge=0,
+        le=100_000,
         description="extra jobs claimed ahead of free slots (held under lease, released on stop)",
     )
-    max_payload_bytes: int = Field(default=1 << 20, ge=1024)
-    enqueue_batch_size: int = Field(default=10_000, ge=1)
+    # jsonb values are limited to 255 MB by PostgreSQL itself.
+    max_payload_bytes: int = Field(default=1 << 20, ge=1024, le=1 << 28)
+    enqueue_batch_size: int = Field(default=10_000, ge=1, le=MAX_COUNT)
     max_state_bytes: int = Field(
         default=1 << 20,
         ge=1024,
@@ -194,9 +229,7 @@ class QueueSettings(_Section):
     def _check_name(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("must not be blank")
-        if any(ord(c) < 32 for c in value):
-            raise ValueError("must not contain control characters")
-        return value
+        return _no_control_chars(value)
 
     @model_validator(mode="after")
     def _check_lease(self) -> QueueSettings:
@@ -207,10 +240,10 @@ class QueueSettings(_Section):
 
 class RetrySettings(_Section):
     max_attempts: int = Field(default=5, ge=1, le=10_000)
-    base_delay: float = Field(default=1.0, gt=0)
-    max_delay: float = Field(default=300.0, gt=0)
+    base_delay: float = Field(default=1.0, gt=0, le=30 * DAY)
+    max_delay: float = Field(default=300.0, gt=0, le=30 * DAY)
     max_deferrals: int = Field(
-        default=100, ge=0, description="bound on rate-limit / open-circuit deferrals"
+        default=100, ge=0, le=MAX_COUNT, description="bound on rate-limit / open-circuit deferrals"
     )
 
     @model_validator(mode="after")
@@ -221,22 +254,23 @@ class RetrySettings(_Section):
 
 
 class BreakerOverride(_Section):
-    fail_max: int | None = Field(default=None, ge=1)
-    reset_timeout: float | None = Field(default=None, gt=0)
-    half_open_max_calls: int | None = Field(default=None, ge=1)
+    fail_max: int | None = Field(default=None, ge=1, le=MAX_COUNT)
+    reset_timeout: float | None = Field(default=None, gt=0, le=DAY)
+    half_open_max_calls: int | None = Field(default=None, ge=1, le=10_000)
     fleet_wide: bool | None = None
 
 
 class CircuitBreakerSettings(_Section):
-    fail_max: int = Field(default=5, ge=1)
-    reset_timeout: float = Field(default=60.0, gt=0)
-    half_open_max_calls: int = Field(default=1, ge=1)
+    fail_max: int = Field(default=5, ge=1, le=MAX_COUNT)
+    reset_timeout: float = Field(default=60.0, gt=0, le=DAY)
+    half_open_max_calls: int = Field(default=1, ge=1, le=10_000)
     fleet_wide: bool = Field(
         default=True, description="share breaker state through PostgreSQL across workers"
     )
     sync_interval: float = Field(
         default=0.25,
         ge=0,
+        le=MINUTE,
         description="max age (s) of the cached fleet breaker state before admitting a call; "
         "trips are also pushed at once with NOTIFY",
     )
@@ -244,8 +278,8 @@ class CircuitBreakerSettings(_Section):
 
 
 class RateLimitSettings(_Section):
-    rate: float = Field(gt=0, description="tokens per second")
-    burst: int = Field(default=1, ge=1)
+    rate: float = Field(gt=0, le=MAX_COUNT, description="tokens per second")
+    burst: int = Field(default=1, ge=1, le=MAX_COUNT)
 
 
 def _is_loopback(url: str) -> bool:
@@ -267,7 +301,7 @@ class StorageSettings(_Section):
     region: str | None = None
     access_key_id: SecretStr | None = None
     secret_access_key: SecretStr | None = None
-    max_pool_connections: int = Field(default=20, ge=1)
+    max_pool_connections: int = Field(default=20, ge=1, le=10_000)
 
     @model_validator(mode="after")
     def _check_backend(self) -> StorageSettings:
@@ -285,8 +319,8 @@ class EmbeddingSettings(_Section):
     api_key: SecretStr | None = None
     model: str = "text-embedding-3-small"
     batch_size: int = Field(default=64, ge=1, le=4096)
-    timeout: float = Field(default=30.0, gt=0)
-    requests_per_second: float | None = Field(default=None, gt=0)
+    timeout: float = Field(default=30.0, gt=0, le=HOUR)
+    requests_per_second: float | None = Field(default=None, gt=0, le=MAX_COUNT)
 
     @model_validator(mode="after")
     def _check_provider(self) -> EmbeddingSettings:
@@ -300,11 +334,18 @@ class EmbeddingSettings(_Section):
 class IngestSettings(_Section):
     """The reference DocumentWorker's chunking and batching."""
 
-    chunk_size: int = Field(default=1000, ge=1, description="characters per chunk")
-    chunk_overlap: int = Field(default=100, ge=0, description="characters shared by neighbours")
-    batch_size: int = Field(default=500, ge=1, description="chunks written per statement")
+    chunk_size: int = Field(default=1000, ge=1, le=10_000_000, description="characters per chunk")
+    chunk_overlap: int = Field(
+        default=100, ge=0, le=10_000_000, description="characters shared by neighbours"
+    )
+    batch_size: int = Field(
+        default=500, ge=1, le=100_000, description="chunks written per statement"
+    )
     checkpoint_every: float = Field(
-        default=1.0, ge=0, description="seconds between cursor checkpoints of the chunk stage"
+        default=1.0,
+        ge=0,
+        le=HOUR,
+        description="seconds between cursor checkpoints of the chunk stage",
     )
 
     @model_validator(mode="after")
@@ -325,31 +366,59 @@ class LoggingSettings(_Section):
 
 
 class HealthSettings(_Section):
-    http_port: int | None = Field(default=None, ge=0, le=65535)
-    http_host: str = "0.0.0.0"
-    database_timeout: float = Field(default=2.0, gt=0)
+    """The HTTP endpoints beside a worker (``/healthz``, ``/readyz``, ``/metrics``)."""
+
+    http_port: int | None = Field(
+        default=None, ge=0, le=65535, description="a port turns the server on; 0 picks a free one"
+    )
+    # Loopback by default: the endpoints are unauthenticated and show host, pid,
+    # schema and table statistics. In a container, set 0.0.0.0 (docs/operations.md).
+    http_host: str = Field(
+        default="127.0.0.1",
+        min_length=1,
+        max_length=253,
+        description="interface to bind: loopback unless set (0.0.0.0 in a Kubernetes pod)",
+    )
+    database_timeout: float = Field(default=2.0, gt=0, le=MINUTE)
+
+    @field_validator("http_host")
+    @classmethod
+    def _check_host(cls, value: str) -> str:
+        if value != value.strip() or any(c.isspace() or c in "/@?#" for c in value):
+            raise ValueError("must be a host name or an IP address (no spaces, scheme or path)")
+        return _no_control_chars(value)
 
 
 class MaintenanceSettings(_Section):
     """Retention: finished jobs are pruned in batches by whichever worker holds the lock."""
 
     retention_seconds: float | None = Field(
-        default=7 * 24 * 3600.0, gt=0, description="age after which succeeded/cancelled jobs go"
+        default=7 * 24 * 3600.0,
+        gt=0,
+        le=100 * YEAR,
+        description="age after which succeeded/cancelled jobs go",
     )
     dead_retention_seconds: float | None = Field(
-        default=None, gt=0, description="age after which dead jobs go; None keeps them"
+        default=None,
+        gt=0,
+        le=100 * YEAR,
+        description="age after which dead jobs go; None keeps them",
     )
-    interval: float = Field(default=60.0, gt=0)
-    batch_size: int = Field(default=5000, ge=1)
+    interval: float = Field(default=60.0, gt=0, le=DAY)
+    batch_size: int = Field(default=5000, ge=1, le=MAX_COUNT)
     vacuum_dead_rows: int | None = Field(
         default=100_000,
         ge=1000,
+        le=10**12,
         description="dead rows on the jobs table above which one worker runs VACUUM on it "
         "(autovacuum wakes at most once per autovacuum_naptime, 1 min by default, too "
         "seldom for a busy queue); None leaves the table to autovacuum",
     )
     vacuum_check_interval: float = Field(
-        default=2.0, gt=0, description="how often a worker reads the jobs table's dead rows"
+        default=2.0,
+        gt=0,
+        le=HOUR,
+        description="how often a worker reads the jobs table's dead rows",
     )
 
 
@@ -363,6 +432,7 @@ class WorkerConfig(BaseSettings):
         frozen=True,
         hide_input_in_errors=True,
         validate_default=True,
+        allow_inf_nan=False,
     )
 
     environment: Literal["development", "test", "staging", "production"] = "development"

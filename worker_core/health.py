@@ -26,8 +26,7 @@ from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, cast
 
-from .logs import _Redactor
-from .redact import redact_text
+from .redact import Redactor, redact_text
 
 if TYPE_CHECKING:
     from psycopg import AsyncConnection
@@ -410,7 +409,7 @@ async def run_check(
 
 
 def _clean(detail: Any, secrets: Iterable[str]) -> Any:
-    return _Redactor(secrets=secrets).value(detail)
+    return Redactor(secrets=secrets).value(detail)
 
 
 _BUILTIN = ("database", "worker")
@@ -460,7 +459,7 @@ def _report(
     checked_at: datetime,
     worker_id: str | None,
 ) -> HealthReport:
-    redactor = _Redactor(secrets=secrets)
+    redactor = Redactor(secrets=secrets)
     clean = {name: replace(c, detail=redactor.value(c.detail)) for name, c in components.items()}
     return HealthReport(
         aggregate(c.status for c in clean.values()),

@@ -21,9 +21,10 @@ from typing import TYPE_CHECKING, Any
 
 from psycopg import AsyncConnection, sql
 from psycopg.rows import dict_row
-from psycopg.types.json import set_json_loads
 
-from .config import WorkerConfig
+from . import _inputs
+from ._connect import open_pool
+from .config import DAY, WorkerConfig
 from .jobs import (
     DEFERRED,
     REFUNDED,
@@ -36,7 +37,6 @@ from .jobs import (
 )
 from .logs import StructuredLogger
 from .outcomes import MAX_ERROR_RECORDS, Outcome
-from .redact import mask_dsn
 from .sql import load_queries, migrations, render
 
 if TYPE_CHECKING:
@@ -71,58 +71,6 @@ def breaker_channel_name(schema: str) -> str:
     if len(name) > 63:
         name = "worker_core_b_" + hashlib.sha1(schema.encode()).hexdigest()
     return name
-
-
-async def open_pool(
-    config: WorkerConfig, *, min_size: int | None = None, max_size: int | None = None
-) -> AsyncConnectionPool:
-    """Open an autocommit connection pool for ``config``, or fail with one clear line."""
-    from psycopg_pool import AsyncConnectionPool, PoolTimeout
-
-    db = config.database
-    pool = AsyncConnectionPool(
-        config.dsn(),
-        min_size=min_size or db.pool_min_size,
-        max_size=max(max_size or db.pool_max_size, min_size or db.pool_min_size),
-        open=False,
-        kwargs={
-            "autocommit": True,
-            "prepare_threshold": db.prepare_threshold,
-            "application_name": db.application_name,
-            "connect_timeout": max(1, int(db.connect_timeout)),
-        },
-        name=f"worker_core.{db.schema}",
-        configure=_configure_connection,
-        timeout=db.connect_timeout,
-        reconnect_timeout=max(60.0, db.connect_timeout),
-    )
-    try:
-        await pool.open(wait=True, timeout=db.connect_timeout)
-    except PoolTimeout:
-        await pool.close()
-        raise ConnectionError(
-            f"cannot connect to PostgreSQL at {mask_dsn(config.dsn())} "
-            f"within {db.connect_timeout:g}s"
-        ) from None
-    return pool
-
-
-async def _configure_connection(conn: AsyncConnection[Any]) -> None:
-    # jsonb columns (payload, state, errors) are parsed on every claim: orjson, when
-    # installed (the `fast` extra), parses them several times faster than json.
-    if _ORJSON_LOADS is not None:
-        set_json_loads(_ORJSON_LOADS, conn)
-
-
-def _orjson_loads() -> Any:
-    try:
-        import orjson
-    except ImportError:
-        return None
-    return orjson.loads
-
-
-_ORJSON_LOADS = _orjson_loads()
 
 
 class Queue:
@@ -357,28 +305,35 @@ class Queue:
         connection: AsyncConnection[Any] | None,
         label: str,
     ) -> list[int]:
+        if isinstance(payloads, Mapping):
+            raise TypeError("payloads must be a sequence of dicts; use enqueue() for one job")
         n = len(payloads)
         queue_name = self._queue_name(queue)
-        keys = _column(dedupe_keys, n, "dedupe_keys")
-        cids = _column(correlation_ids, n, "correlation_ids")
-        batches = self._payload_batches(payloads, label) if n else []
+        keys = _inputs.column(dedupe_keys, n, "dedupe_keys")
+        cids = _inputs.column(correlation_ids, n, "correlation_ids")
+        # Every argument is checked before the payloads are serialised, and all of
+        # it before any SQL: a refused call stores nothing.
         params: dict[str, Any] = {
             "queue": queue_name,
-            "priority": _int_param(priority, "priority"),
-            "max_attempts": _int_param(
+            "priority": _inputs.int_param(priority, "priority"),
+            "max_attempts": _inputs.int_param(
                 self.config.retry.max_attempts if max_attempts is None else max_attempts,
                 "max_attempts",
                 minimum=1,
+                maximum=10_000,
             ),
             "channel": self.channel,
-            **_run_at_params(run_at),
+            **_inputs.run_at_params(run_at),
         }
         for key in keys:
-            if key is not None and (not isinstance(key, str) or not key or "\x00" in key):
-                raise ValueError(f"dedupe_key {key!r} must be a non-empty string without NUL")
+            if key is not None:
+                _inputs.text_param(key, "dedupe_key", max_bytes=_inputs.MAX_DEDUPE_KEY_BYTES)
         for cid in cids:
-            if cid is not None and (not isinstance(cid, str) or not 0 < len(cid) <= 200):
-                raise ValueError("correlation_id must be a string of 1 to 200 characters")
+            if cid is not None:
+                _inputs.text_param(cid, "correlation_id", max_bytes=200)
+                if len(cid) > 200:
+                    raise ValueError("correlation_id must be a string of 1 to 200 characters")
+        batches = self._payload_batches(payloads, label) if n else []
         if n == 0:
             return []
         async with self.connection(connection) as conn:
@@ -407,12 +362,15 @@ class Queue:
                 raise TypeError(
                     f"payload must be a dict (a JSON object), not {type(payload).__name__}"
                 )
-            return [([dict(payload)], f"[{dump_json(payload, 'payload', max_bytes=limit)}]")]
+            text = dump_json(payload, "payload", max_bytes=limit)
+            _inputs.refuse_surrogates(text, [payload], "payload", 0)
+            return [([dict(payload)], f"[{text}]")]
         size = self.config.queue.enqueue_batch_size
         batches = []
         for start in range(0, len(payloads), size):
             part = payloads[start : start + size]
             text = dump_json_objects(part, label, max_bytes=limit, offset=start)
+            _inputs.refuse_surrogates(text, part, label, start)
             batches.append(([p if type(p) is dict else dict(p) for p in part], text))
         return batches
 
@@ -477,12 +435,34 @@ class Queue:
             raise RuntimeError("could not resolve dedupe keys under heavy contention; retry")
         return [i for i in ids if i is not None]
 
+    async def jobs_by_dedupe_key(
+        self,
+        keys: Sequence[str],
+        *,
+        queue: str | None = None,
+        connection: AsyncConnection[Any] | None = None,
+    ) -> dict[str, int]:
+        """``{dedupe_key: id}`` of the newest job of ``queue`` holding each key, in any
+        status (finished jobs too, until retention removes them)."""
+        wanted = sorted(
+            {
+                _inputs.text_param(k, "dedupe_key", max_bytes=_inputs.MAX_DEDUPE_KEY_BYTES)
+                for k in keys
+            }
+        )
+        if not wanted:
+            return {}
+        params = {"queue": self._queue_name(queue), "keys": wanted}
+        async with self.connection(connection) as conn:
+            cur = await conn.execute(self._sql["jobs_by_dedupe_key"], params)
+            return {row[0]: row[1] for row in await cur.fetchall()}
+
     # -- inspecting and operating ------------------------------------------------
     async def get(self, job_id: int) -> Job | None:
         """The job with this id, or ``None``."""
         async with self.connection() as conn:
             cur = conn.cursor(row_factory=dict_row)
-            await cur.execute(self._sql["get"], {"id": int(job_id)})
+            await cur.execute(self._sql["get"], {"id": _inputs.job_id(job_id)})
             row = await cur.fetchone()
         return Job.from_row(row) if row else None
 
@@ -499,7 +479,10 @@ class Queue:
         """Dead jobs, newest first, with payload, stage, state and error history."""
         async with self.connection() as conn:
             cur = conn.cursor(row_factory=dict_row)
-            await cur.execute(self._sql["dead_letters"], {"queue": queue, "limit": int(limit)})
+            await cur.execute(
+                self._sql["dead_letters"],
+                {"queue": queue, "limit": _inputs.int_param(limit, "limit", minimum=0)},
+            )
             return [Job.from_row(row) for row in await cur.fetchall()]
 
     async def requeue(self, job_ids: int | Sequence[int]) -> int:
@@ -507,7 +490,11 @@ class Queue:
 
         Jobs that are not dead are left alone and not counted.
         """
-        ids = [int(job_ids)] if isinstance(job_ids, int) else [int(i) for i in job_ids]
+        ids = (
+            [_inputs.job_id(job_ids)]
+            if isinstance(job_ids, int)
+            else [_inputs.job_id(i) for i in job_ids]
+        )
         if not ids:
             return 0
         async with self.connection() as conn:
@@ -517,7 +504,7 @@ class Queue:
     async def cancel(self, job_id: int) -> bool:
         """Cancel a queued job; ``False`` if it is not queued (running or finished)."""
         async with self.connection() as conn:
-            cur = await conn.execute(self._sql["cancel"], {"id": int(job_id)})
+            cur = await conn.execute(self._sql["cancel"], {"id": _inputs.job_id(job_id)})
             return await cur.fetchone() is not None
 
     # -- the worker protocol -------------------------------------------------------
@@ -537,9 +524,9 @@ class Queue:
                 self._sql["claim"],
                 {
                     "queue": self._queue_name(queue),
-                    "limit": int(limit),
+                    "limit": _inputs.int_param(limit, "limit", minimum=0),
                     "owner": owner,
-                    "lease": float(lease_seconds),
+                    "lease": _lease(lease_seconds),
                 },
             )
             return [Job.from_claim(row) for row in await cur.fetchall()]
@@ -557,7 +544,7 @@ class Queue:
                 {
                     "ids": [job_id for job_id, _ in pairs],
                     "tokens": [token for _, token in pairs],
-                    "lease": float(lease_seconds),
+                    "lease": _lease(lease_seconds),
                 },
             )
             return {r[0] for r in await cur.fetchall()}
@@ -625,9 +612,9 @@ class Queue:
                 self._sql["prune"],
                 {
                     "schema": self.schema,
-                    "retention": retention_seconds,
-                    "dead_retention": dead_retention_seconds,
-                    "limit": int(limit),
+                    "retention": _retention(retention_seconds, "retention_seconds"),
+                    "dead_retention": _retention(dead_retention_seconds, "dead_retention_seconds"),
+                    "limit": _inputs.int_param(limit, "limit", minimum=0),
                 },
             )
             return cur.rowcount
@@ -698,7 +685,7 @@ class Queue:
             raise ValueError(f"queue name {name!r} must be a non-blank string of at most 200 chars")
         if any(ord(c) < 32 for c in name):
             raise ValueError(f"queue name {name!r} must not contain control characters")
-        return name
+        return _inputs.text_param(name, "queue name", max_bytes=800)
 
 
 def outcomes_json(outcomes: Sequence[Outcome]) -> str:
@@ -747,34 +734,13 @@ def _transitions() -> sql.Composable:
     return sql.SQL("(VALUES {})").format(sql.SQL(", ").join(rows))
 
 
-def _column(values: Sequence[Any] | None, n: int, name: str) -> list[Any]:
-    if values is None:
-        return [None] * n
-    column = list(values)
-    if len(column) != n:
-        raise ValueError(f"{name} has {len(column)} items for {n} payloads")
-    return column
+def _lease(seconds: float) -> float:
+    # An infinite lease is stored as 'infinity', and the claimed row can then not be
+    # read back: every claimed job would be stranded as running.
+    return _inputs.float_param(seconds, "lease_seconds", minimum=0.001, maximum=DAY)
 
 
-def _int_param(value: int, name: str, *, minimum: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-    if not -(2**31) <= value < 2**31:
-        raise ValueError(f"{name}={value} is out of range")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
-def _run_at_params(run_at: datetime | timedelta | float | None) -> dict[str, Any]:
-    if run_at is None:
-        return {"run_at": None, "delay": None}
-    if isinstance(run_at, datetime):
-        if run_at.tzinfo is None:
-            raise ValueError("run_at must be timezone-aware (e.g. datetime.now(timezone.utc))")
-        return {"run_at": run_at, "delay": None}
-    if isinstance(run_at, timedelta):
-        return {"run_at": None, "delay": run_at.total_seconds()}
-    if isinstance(run_at, int | float) and not isinstance(run_at, bool):
-        return {"run_at": None, "delay": float(run_at)}
-    raise TypeError("run_at must be a datetime, a timedelta or seconds from now")
+def _retention(seconds: float | None, name: str) -> float | None:
+    if seconds is None:
+        return None
+    return _inputs.float_param(seconds, name, minimum=0.0, maximum=_inputs.MAX_RUN_AT_SECONDS)

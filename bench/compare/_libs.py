@@ -39,7 +39,7 @@ def asyncpg_params(dsn: str) -> dict[str, Any]:
     info = conninfo_to_dict(dsn)
     params: dict[str, Any] = {
         "host": info.get("host") or None,
-        "port": int(info["port"]) if info.get("port") else 5432,
+        "port": int(str(info["port"])) if info.get("port") else 5432,
         "user": info.get("user") or None,
         "database": info.get("dbname") or None,
     }
@@ -311,7 +311,7 @@ class PgQueuerLib(Lib):
         driver, close = await self._connect(dsn)
         qm = QueueManager(Queries(driver))
 
-        @qm.entrypoint(QUEUE, concurrency_limit=limit)
+        @qm.entrypoint(QUEUE, concurrency_limit=limit)  # type: ignore[untyped-decorator,unused-ignore]
         async def bench(job: Job) -> None:
             if body.sleep:
                 await asyncio.sleep(body.sleep)
@@ -366,7 +366,7 @@ class ProcrastinateLib(Lib):
             )
         )
 
-        @app.task(name="bench", queue=QUEUE)
+        @app.task(name="bench", queue=QUEUE)  # type: ignore[untyped-decorator,unused-ignore]
         async def bench(i: int, t: float | None = None) -> None:
             if body is not None:
                 if body.sleep:

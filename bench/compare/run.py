@@ -413,7 +413,8 @@ class WorkerProc:
         await asyncio.wait_for(self.proc.wait(), 30)
         if self.proc.returncode != 0:
             raise RuntimeError(f"worker exited {self.proc.returncode}: {self.stderr_tail()}")
-        return json.loads(line)
+        result: dict[str, Any] = json.loads(line)
+        return result
 
     async def kill(self) -> None:
         if self.proc.returncode is None:
@@ -471,7 +472,7 @@ async def measure_drain(
         if count != n:
             raise RuntimeError(f"handlers ran {count} times for {n} jobs")
         await lib.verify(dsn, n)
-        return n / elapsed
+        return float(n / elapsed)
 
 
 async def measure_latency(
@@ -883,21 +884,24 @@ def targets(results: Results) -> list[str]:
                 f"{m:.2f} ms (target <= {goal:g} ms{extra})",
                 lower=True,
             )
-    w = results.median("enqueue", "worker_core")
-    if w:
+    rate = results.median("enqueue", "worker_core")
+    if rate:
         p = best(results, "enqueue", pgq)
         if p:
             check(
-                "bulk enqueue", w / p[1], 1.0, f"{w:,.0f}/s = {w / p[1]:.2f}x {p[0]} (target >= 1x)"
+                "bulk enqueue",
+                rate / p[1],
+                1.0,
+                f"{rate:,.0f}/s = {rate / p[1]:.2f}x {p[0]} (target >= 1x)",
             )
         for base, where in ((RAW_UNNEST, "minimal table"), (RAW_UNNEST_WC, "worker_core's table")):
             raw = results.median("enqueue", base)
             if raw:
                 check(
                     "bulk enqueue",
-                    w / raw,
+                    rate / raw,
                     0.8,
-                    f"{w / raw:.2f}x raw INSERT..unnest into the {where} (target >= 0.8x)",
+                    f"{rate / raw:.2f}x raw INSERT..unnest into the {where} (target >= 0.8x)",
                 )
     return out
 
@@ -930,7 +934,7 @@ def machine_info(admin: str, source: str) -> dict[str, Any]:
 
     with psycopg.connect(admin, autocommit=True) as conn:
         version = conn.execute("SELECT version()").fetchone()
-        settings = dict(
+        settings: dict[str, str] = dict(
             conn.execute(
                 "SELECT name, setting FROM pg_settings WHERE name = ANY(%s)",
                 (

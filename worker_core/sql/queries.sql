@@ -257,3 +257,13 @@ FROM {schema}.jobs
 WHERE (%(queue)s::text IS NULL OR queue = %(queue)s)
 GROUP BY status, stage
 ORDER BY status, stage
+
+-- name: jobs_by_dedupe_key
+-- For a retried import (`worker-core enqueue --file --dedupe-key-field`): the newest
+-- job of the queue holding each key, in any status, so lines whose job already ran
+-- are skipped too. No index covers finished jobs' keys; an operator command runs it
+-- once per batch of keys.
+SELECT DISTINCT ON (dedupe_key) dedupe_key, id
+FROM {schema}.jobs
+WHERE queue = %(queue)s AND dedupe_key = ANY(%(keys)s::text[])
+ORDER BY dedupe_key, id DESC
