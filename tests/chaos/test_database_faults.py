@@ -90,7 +90,7 @@ async def drain_with_faults(
     return seen, workers, time.monotonic() - started
 
 
-async def _listening(workers: list[BaseWorker], connects: int = 1) -> bool:
+async def _listening(workers: Sequence[BaseWorker], connects: int = 1) -> bool:
     snapshots = [w.snapshot() for w in workers]
     return all(s.listener_connected and s.listener_connects >= connects for s in snapshots)
 
