@@ -18,6 +18,7 @@ from datetime import datetime, timedelta
 from typing import Any, Generic, TypeVar
 
 from psycopg import sql
+from psycopg.pq import TransactionStatus
 
 from . import _inputs
 from .config import WorkerConfig
@@ -34,7 +35,7 @@ from .jobs import (
 from .outcomes import MAX_ERROR_RECORDS
 from .sql import load_queries, render
 
-__all__ = ["Plan", "Statement", "Statements"]
+__all__ = ["Plan", "Statement", "Statements", "drive_step", "own_transaction"]
 
 T = TypeVar("T")
 
@@ -72,6 +73,18 @@ def drive_step(plan: Plan[T], rows: list[Any] | None) -> Statement | None:
     except StopIteration as done:
         plan.result = done.value
         return None
+
+
+def own_transaction(conn: Any) -> bool:
+    """Whether an atomic plan must open its own transaction block on ``conn``.
+
+    In autocommit it must (each statement would commit alone); inside a transaction
+    it opens a savepoint. A connection out of autocommit but idle is a transaction
+    the caller (Django, SQLAlchemy) has begun but not yet used: the plan's
+    statements begin it implicitly and the caller commits or rolls back. A block of
+    our own there would commit it early.
+    """
+    return bool(conn.autocommit) or conn.info.transaction_status == TransactionStatus.INTRANS
 
 
 class Statements:

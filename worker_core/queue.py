@@ -24,7 +24,7 @@ from psycopg.rows import dict_row
 
 from . import _inputs, _tracing
 from ._connect import open_pool
-from ._statements import Plan, Statement, Statements, drive_step
+from ._statements import Plan, Statement, Statements, drive_step, own_transaction
 from .config import DAY, WorkerConfig
 from .jobs import (
     TRANSITIONS,
@@ -299,7 +299,7 @@ class Queue:
         if statement is None:
             return cast(T, plan.result)
         async with self.connection(connection) as conn:
-            if plan.atomic:
+            if plan.atomic and own_transaction(conn):
                 async with conn.transaction():
                     return await _drive(conn, plan, statement)
             return await _drive(conn, plan, statement)

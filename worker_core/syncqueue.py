@@ -21,7 +21,7 @@ from psycopg.types.json import set_json_loads
 
 from . import _tracing
 from ._connect import _ORJSON_LOADS
-from ._statements import Plan, Statement, Statements, drive_step
+from ._statements import Plan, Statement, Statements, drive_step, own_transaction
 from .config import WorkerConfig
 from .jobs import Job
 from .redact import mask_dsn, redact_text
@@ -169,7 +169,7 @@ class SyncQueue:
         if statement is None:
             return cast(T, plan.result)
         with self.connection(connection) as conn:
-            if plan.atomic:
+            if plan.atomic and own_transaction(conn):
                 with conn.transaction():
                     return _drive(conn, plan, statement)
             return _drive(conn, plan, statement)
