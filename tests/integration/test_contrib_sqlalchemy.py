@@ -29,7 +29,7 @@ def sa_url(dsn: str, driver: str = "psycopg") -> sa.URL:
         username=str(params.get("user") or "") or None,
         password=str(params.get("password") or "") or None,
         database=str(params.get("dbname") or "") or None,
-        port=int(params["port"]) if params.get("port") else None,
+        port=int(str(params["port"])) if params.get("port") else None,
         query={"host": str(params["host"])} if params.get("host") else {},
     )
 
