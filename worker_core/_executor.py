@@ -174,7 +174,9 @@ class Executor:
                 worker_id=self._worker_id,
             ):
                 if _tracing.enabled():  # the one check tracing costs a job when off
-                    with _tracing.consumer(job, worker_id=self._worker_id) as trace:
+                    with _tracing.consumer(
+                        job, worker_id=self._worker_id, secrets=self._secrets
+                    ) as trace:
                         await self._execute(run, trace)
                 else:
                     await self._execute(run, None)

@@ -21,6 +21,8 @@ from contextlib import AbstractContextManager, contextmanager
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from .redact import redact_text
+
 if TYPE_CHECKING:
     from ._statements import Statements
     from .jobs import Job
@@ -139,29 +141,57 @@ def _producer(
 
 
 class Consumer:
-    """The job span of one run; ``stage(name)`` opens a child span per stage."""
+    """The job span of one run; ``stage(name)`` opens a child span per stage.
 
-    __slots__ = ("_attributes", "_tracer", "span")
+    Exceptions are recorded by hand, not by the SDK: the message goes through the
+    same redaction as logs and error records, and no traceback is attached (its
+    frames' text could hold what the message had masked).
+    """
 
-    def __init__(self, tracer: Any, span: Any, attributes: dict[str, Any]) -> None:
+    __slots__ = ("_attributes", "_secrets", "_tracer", "span")
+
+    def __init__(
+        self, tracer: Any, span: Any, attributes: dict[str, Any], secrets: Sequence[str]
+    ) -> None:
         self._tracer = tracer
         self.span = span
         self._attributes = attributes
+        self._secrets = secrets
 
-    def stage(self, name: str) -> AbstractContextManager[Any]:
-        return self._tracer.start_as_current_span(  # type: ignore[no-any-return]
+    @contextmanager
+    def stage(self, name: str) -> Iterator[Any]:
+        with self._tracer.start_as_current_span(
             f"stage {name}",
             kind=_trace.SpanKind.INTERNAL,
             attributes={**self._attributes, "worker_core.stage": name},
-        )
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as span:
+            try:
+                yield span
+            except BaseException as exc:
+                _record(span, exc, self._secrets)
+                raise
 
     def failed(self, exc: BaseException) -> None:
-        self.span.record_exception(exc)
-        self.span.set_status(_trace.Status(_trace.StatusCode.ERROR, type(exc).__name__))
+        _record(self.span, exc, self._secrets)
+
+
+def _record(span: Any, exc: BaseException, secrets: Sequence[str]) -> None:
+    kind = type(exc)
+    message = redact_text(str(exc), secrets)[:2000]
+    span.add_event(
+        "exception",
+        {
+            "exception.type": f"{kind.__module__}.{kind.__qualname__}",
+            "exception.message": message,
+        },
+    )
+    span.set_status(_trace.Status(_trace.StatusCode.ERROR, kind.__name__))
 
 
 @contextmanager
-def consumer(job: Job, *, worker_id: str) -> Iterator[Consumer]:
+def consumer(job: Job, *, worker_id: str, secrets: Sequence[str] = ()) -> Iterator[Consumer]:
     """The CONSUMER span of one run of ``job``, continuing the producer's trace when
     the job carries its context. Call only when ``enabled()``."""
     carrier = job.state.get(TRACE_KEY) if isinstance(job.state, dict) else None
@@ -192,4 +222,4 @@ def consumer(job: Job, *, worker_id: str) -> Iterator[Consumer]:
         record_exception=False,
         set_status_on_exception=False,
     ) as span:
-        yield Consumer(tracer, span, common)
+        yield Consumer(tracer, span, common, secrets)
