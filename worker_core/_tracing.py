@@ -33,7 +33,7 @@ try:
 except ImportError:  # the otel extra is not installed
     _trace = None  # type: ignore[assignment]
 
-__all__ = ["TRACE_KEY", "Producer", "consumer", "enabled", "producer"]
+__all__ = ["TRACE_KEY", "Consumer", "Producer", "api_installed", "consumer", "enabled", "producer"]
 
 #: The key of a job's state that holds the producer's W3C trace context.
 TRACE_KEY = "worker_core.trace"
@@ -43,6 +43,11 @@ _TRACER_NAME = "worker_core"
 if _trace is not None:
     _OFF_PROVIDERS: tuple[type, ...] = (_trace.ProxyTracerProvider, _trace.NoOpTracerProvider)
     _PROPAGATOR = TraceContextTextMapPropagator()
+
+
+def api_installed() -> bool:
+    """The OpenTelemetry API could be imported (the ``otel`` extra)."""
+    return _trace is not None
 
 
 def enabled() -> bool:
