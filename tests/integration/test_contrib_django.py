@@ -14,6 +14,7 @@ import pytest
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.db import connection, connections, transaction
+from django.db.utils import ConnectionHandler
 from django.test.utils import override_settings
 
 from worker_core import Queue, SyncQueue, WorkerConfig
@@ -39,10 +40,7 @@ def django_project(pg_dsn: str, config: WorkerConfig) -> Iterator[WorkerConfig]:
     pointing at this test's schema; the schema is migrated."""
     if not settings.configured:
         settings.configure(
-            DATABASES={
-                "default": django_database(pg_dsn),
-                "other": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"},
-            },
+            DATABASES={"default": django_database(pg_dsn)},
             INSTALLED_APPS=[],
             USE_TZ=True,
         )
@@ -145,9 +143,19 @@ def test_from_plain_threads(django_project: WorkerConfig) -> None:
     assert stats(django_project)["queued"] == 3
 
 
-def test_other_backends_get_a_clear_error(django_project: WorkerConfig) -> None:
-    with pytest.raises(ImproperlyConfigured, match="needs PostgreSQL; database 'other'"):
-        wc_django.enqueue({"x": 1}, using="other")
+def test_other_backends_get_a_clear_error(
+    django_project: WorkerConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A real SQLite connection of Django's, under its own handler: the process-wide
+    # settings may have been configured by the docs page before this test.
+    sqlite = {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"}
+    handler = ConnectionHandler({"default": sqlite, "other": sqlite})
+    monkeypatch.setattr(wc_django, "connections", handler)
+    try:
+        with pytest.raises(ImproperlyConfigured, match="needs PostgreSQL; database 'other'"):
+            wc_django.enqueue({"x": 1}, using="other")
+    finally:
+        handler.close_all()
     assert sum(stats(django_project).values()) == 0
 
 
