@@ -15,6 +15,7 @@ stages see the key in ``ctx.state`` and should leave it alone.
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
@@ -30,8 +31,11 @@ if TYPE_CHECKING:
 try:
     from opentelemetry import trace as _trace
     from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    _API = True
 except ImportError:  # the otel extra is not installed
     _trace = None  # type: ignore[assignment]
+    _API = False
 
 __all__ = ["TRACE_KEY", "Consumer", "Producer", "api_installed", "consumer", "enabled", "producer"]
 
@@ -40,20 +44,42 @@ TRACE_KEY = "worker_core.trace"
 SYSTEM = "worker_core"
 _TRACER_NAME = "worker_core"
 
-if _trace is not None:
+if _API:
     _OFF_PROVIDERS: tuple[type, ...] = (_trace.ProxyTracerProvider, _trace.NoOpTracerProvider)
     _PROPAGATOR = TraceContextTextMapPropagator()
 
 
 def api_installed() -> bool:
     """The OpenTelemetry API could be imported (the ``otel`` extra)."""
-    return _trace is not None
+    return _API
 
 
 def enabled() -> bool:
     """True when spans would be recorded: the API is installed and the application
-    set a tracer provider (an SDK)."""
-    return _trace is not None and not isinstance(_trace.get_tracer_provider(), _OFF_PROVIDERS)
+    set a tracer provider (an SDK).
+
+    Asking the API costs microseconds (it looks up an environment variable on every
+    call while no provider is set), too much for every job of a fast drain. A
+    provider, once set, can never be replaced, so "on" is remembered for good; "off"
+    is asked again at most once a second, so a provider set after the worker started
+    is picked up within a second.
+    """
+    global _on, _next_check
+    if _on:
+        return True
+    if not _API:
+        return False
+    now = time.monotonic()
+    if now < _next_check:
+        return False
+    _on = not isinstance(_trace.get_tracer_provider(), _OFF_PROVIDERS)
+    _next_check = now + _RECHECK_SECONDS
+    return _on
+
+
+_on = False
+_next_check = 0.0
+_RECHECK_SECONDS = 1.0
 
 
 class Producer:
