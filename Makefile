@@ -13,6 +13,13 @@ PYTEST_ARGS ?=
 FUZZ_FACTOR ?= 20
 SOURCES := worker_core tests bench examples
 
+# pyenv installs several Pythons but puts only its global one on PATH: let its shims
+# find the others too (`make test PYTHON=python3.13`), the global one staying first.
+ifneq ($(shell command -v pyenv 2>/dev/null),)
+PYENV_VERSION ?= $(shell v=$$(pyenv version-name 2>/dev/null); printf '%s' "$$v"; pyenv versions --bare 2>/dev/null | grep -E '^3\.[0-9]+\.[0-9]+$$' | grep -vx "$$v" | sed 's/^/:/' | tr -d '\n')
+export PYENV_VERSION
+endif
+
 .PHONY: test suite demo lint typecheck fuzz bench clean
 
 $(VENV)/.installed: pyproject.toml

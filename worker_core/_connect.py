@@ -1,9 +1,10 @@
-"""Opening connections: the pool, and failing fast where waiting cannot help.
+"""Connection failures that waiting cannot fix, told apart from those it can.
 
 A connection that fails because the database does not exist, the password is wrong
 or the server refuses the SSL mode fails the same way on every retry; waiting out
 ``connect_timeout`` and then reporting "cannot connect" hides the server's own
-message. ``open_pool`` therefore makes one direct connection first: a failure that
+message. ``queue.open_pool`` therefore makes one direct connection first
+(``connect_once``): a failure that
 retrying cannot fix is raised at once with the server's message and a hint; any
 other (server down, still starting, too many connections) is retried by the pool
 until ``connect_timeout``, and then reported with the last server message.
@@ -15,20 +16,16 @@ connection (the worker's LISTEN connection).
 from __future__ import annotations
 
 import re
-import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from psycopg import AsyncConnection
-from psycopg.types.json import set_json_loads
 
 from .redact import mask_dsn, redact_text
 
 if TYPE_CHECKING:
-    from psycopg_pool import AsyncConnectionPool
-
     from .config import WorkerConfig
 
-__all__ = ["connect_failure_hint", "connect_once", "open_pool", "server_message"]
+__all__ = ["connect_failure_hint", "connect_once", "server_message"]
 
 _DSN_SETTING = "database.dsn (WORKER_CORE_DATABASE__DSN)"
 #: Failures no retry can fix, by libpq's or the server's (English) message, each with
@@ -129,60 +126,3 @@ async def connect_once(
         return message
     await conn.close()
     return None
-
-
-async def open_pool(
-    config: WorkerConfig, *, min_size: int | None = None, max_size: int | None = None
-) -> AsyncConnectionPool:
-    """Open an autocommit connection pool for ``config``, or fail with one clear line."""
-    from psycopg_pool import AsyncConnectionPool, PoolTimeout
-
-    db = config.database
-    started = time.monotonic()
-    last_error = await connect_once(config)
-    pool = AsyncConnectionPool(
-        config.dsn(),
-        min_size=min_size or db.pool_min_size,
-        max_size=max(max_size or db.pool_max_size, min_size or db.pool_min_size),
-        open=False,
-        kwargs={
-            "autocommit": True,
-            "prepare_threshold": db.prepare_threshold,
-            "application_name": db.application_name,
-            "connect_timeout": max(1, int(db.connect_timeout)),
-        },
-        name=f"worker_core.{db.schema}",
-        configure=_configure_connection,
-        timeout=db.connect_timeout,
-        reconnect_timeout=max(60.0, db.connect_timeout),
-    )
-    remaining = max(0.1, db.connect_timeout - (time.monotonic() - started))
-    try:
-        await pool.open(wait=True, timeout=remaining if last_error else db.connect_timeout)
-    except PoolTimeout:
-        await pool.close()
-        if last_error is None or not last_error.strip():
-            last_error = "no connection was made"
-        raise ConnectionError(
-            f"cannot connect to PostgreSQL at {mask_dsn(config.dsn())} "
-            f"within {db.connect_timeout:g}s: {last_error}"
-        ) from None
-    return pool
-
-
-async def _configure_connection(conn: AsyncConnection[Any]) -> None:
-    # jsonb columns (payload, state, errors) are parsed on every claim: orjson, when
-    # installed (the `fast` extra), parses them several times faster than json.
-    if _ORJSON_LOADS is not None:
-        set_json_loads(_ORJSON_LOADS, conn)
-
-
-def _orjson_loads() -> Any:
-    try:
-        import orjson
-    except ImportError:
-        return None
-    return orjson.loads
-
-
-_ORJSON_LOADS = _orjson_loads()

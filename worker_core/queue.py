@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import time
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
@@ -21,9 +22,10 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from psycopg import AsyncConnection, sql
 from psycopg.rows import dict_row
+from psycopg.types.json import set_json_loads
 
 from . import _inputs, _tracing
-from ._connect import open_pool
+from ._connect import connect_once
 from ._statements import Plan, Statement, Statements, drive_step, own_transaction
 from .config import DAY, WorkerConfig
 from .jobs import (
@@ -33,6 +35,7 @@ from .jobs import (
 )
 from .logs import StructuredLogger
 from .outcomes import MAX_ERROR_RECORDS, Outcome
+from .redact import mask_dsn
 from .sql import migrations, render
 
 if TYPE_CHECKING:
@@ -64,6 +67,65 @@ def breaker_channel_name(schema: str) -> str:
     if len(name) > 63:
         name = "worker_core_b_" + hashlib.sha1(schema.encode()).hexdigest()
     return name
+
+
+async def open_pool(
+    config: WorkerConfig, *, min_size: int | None = None, max_size: int | None = None
+) -> AsyncConnectionPool:
+    """Open an autocommit connection pool for ``config``, or fail with one clear line."""
+    from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+    db = config.database
+    started = time.monotonic()
+    # One direct connection first: what no retry can fix fails now, with the
+    # server's message and a hint (_connect.py); anything else is retried below.
+    last_error = await connect_once(config)
+    pool = AsyncConnectionPool(
+        config.dsn(),
+        min_size=min_size or db.pool_min_size,
+        max_size=max(max_size or db.pool_max_size, min_size or db.pool_min_size),
+        open=False,
+        kwargs={
+            "autocommit": True,
+            "prepare_threshold": db.prepare_threshold,
+            "application_name": db.application_name,
+            "connect_timeout": max(1, int(db.connect_timeout)),
+        },
+        name=f"worker_core.{db.schema}",
+        configure=_configure_connection,
+        timeout=db.connect_timeout,
+        reconnect_timeout=max(60.0, db.connect_timeout),
+    )
+    remaining = max(0.1, db.connect_timeout - (time.monotonic() - started))
+    try:
+        await pool.open(wait=True, timeout=remaining if last_error else db.connect_timeout)
+    except PoolTimeout:
+        await pool.close()
+        if last_error is None or not last_error.strip():
+            last_error = "no connection was made"
+        raise ConnectionError(
+            f"cannot connect to PostgreSQL at {mask_dsn(config.dsn())} "
+            f"within {db.connect_timeout:g}s: {last_error}"
+        ) from None
+    return pool
+
+
+async def _configure_connection(conn: AsyncConnection[Any]) -> None:
+    # jsonb columns (payload, state, errors) are parsed on every claim: orjson, when
+    # installed (the `fast` extra), parses them several times faster than json.
+    if _ORJSON_LOADS is not None:
+        set_json_loads(_ORJSON_LOADS, conn)
+
+
+def _orjson_loads() -> Any:
+    try:
+        import orjson
+    except ImportError:
+        return None
+    return orjson.loads
+
+
+_ORJSON_LOADS = _orjson_loads()
 
 
 class Queue:
@@ -562,8 +624,9 @@ async def _drive(conn: AsyncConnection[Any], plan: Plan[T], statement: Statement
 
 def _lease(seconds: float) -> float:
     # An infinite lease is stored as 'infinity', and the claimed row can then not be
-    # read back: every claimed job would be stranded as running.
-    return _inputs.float_param(seconds, "lease_seconds", minimum=0.001, maximum=DAY)
+    # read back: every claimed job would be stranded as running. A negative lease is
+    # one that is already over (rescue tests claim that way).
+    return _inputs.float_param(seconds, "lease_seconds", minimum=-DAY, maximum=DAY)
 
 
 def _retention(seconds: float | None, name: str) -> float | None:

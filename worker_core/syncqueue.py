@@ -20,7 +20,6 @@ from psycopg.rows import dict_row
 from psycopg.types.json import set_json_loads
 
 from . import _tracing
-from ._connect import _ORJSON_LOADS
 from ._statements import Plan, Statement, Statements, drive_step, own_transaction
 from .config import WorkerConfig
 from .jobs import Job
@@ -265,5 +264,7 @@ def _open_pool(config: WorkerConfig) -> ConnectionPool:
 
 def _configure_connection(conn: Connection[Any]) -> None:
     # The async pool's reasoning: orjson parses the jsonb columns faster when installed.
+    from .queue import _ORJSON_LOADS
+
     if _ORJSON_LOADS is not None:
         set_json_loads(_ORJSON_LOADS, conn)

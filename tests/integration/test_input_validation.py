@@ -111,7 +111,7 @@ async def test_operator_ids_and_limits_are_checked(queue: Queue) -> None:
 
 async def test_an_infinite_lease_is_refused_before_any_claim(queue: Queue) -> None:
     await queue.enqueue({"doc": 1})
-    for lease in (math.inf, math.nan, 10 * 86_400.0, 0.0):
+    for lease in (math.inf, -math.inf, math.nan, 10 * 86_400.0, -10 * 86_400.0):
         with pytest.raises(ValueError, match="lease_seconds"):
             await queue.claim("w1", 10, lease_seconds=lease)
     assert (await queue.stats())["queued"] == 1  # nothing was claimed and stranded
