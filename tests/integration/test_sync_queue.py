@@ -187,3 +187,18 @@ def test_run_at_datetime_is_kept(sq: SyncQueue) -> None:
     job = sq.get(sq.enqueue({}, run_at=when))
     assert job is not None and job.run_at is not None
     assert abs((job.run_at - when).total_seconds()) < 0.001
+
+
+def test_batches_on_a_fresh_caller_transaction_roll_back_with_it(make_config: Any) -> None:
+    # The caller's transaction has not run a statement yet: a block of our own
+    # around the batches would BEGIN and COMMIT it, keeping the jobs.
+    config = make_config(queue={"name": "test", "enqueue_batch_size": 2})
+    migrate(config)
+    with SyncQueue(config) as sq:
+        with psycopg.connect(config.dsn()) as conn:
+            assert len(sq.enqueue_many([{"n": i} for i in range(5)], connection=conn)) == 5
+            conn.rollback()
+        assert count(sq) == 0
+        with psycopg.connect(config.dsn(), autocommit=True) as conn:
+            sq.enqueue_many([{"n": i} for i in range(5)], connection=conn)
+        assert count(sq) == 5
