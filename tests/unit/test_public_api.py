@@ -31,6 +31,7 @@ CONTRACT = {
     "Chunk",
     "ChunkWriter",
     "WriteResult",
+    "SyncQueue",
 }
 
 

@@ -37,14 +37,16 @@ SELECT extnamespace::regnamespace::text AS schema FROM pg_extension WHERE extnam
 -- One statement per batch: the payloads arrive as one JSON array (parsed by the
 -- server, not adapted item by item), dedupe keys and correlation ids as arrays or
 -- NULL. Ids come back in input order (identity values follow the ORDER BY), and
--- at most one NOTIFY is sent, only when something became claimable now.
+-- at most one NOTIFY is sent, only when something became claimable now. The
+-- initial state is NULL (an empty object) unless tracing stores its context there.
 WITH ins AS (
     INSERT INTO {schema}.jobs
-        (queue, payload, priority, run_at, max_attempts, dedupe_key, correlation_id)
+        (queue, payload, priority, run_at, max_attempts, dedupe_key, correlation_id, state)
     SELECT %(queue)s, r.payload, %(priority)s,
            coalesce(%(run_at)s::timestamptz, now() + %(delay)s::float8 * interval '1 second', now()),
            %(max_attempts)s, (%(dedupe_keys)s::text[])[r.ord],
-           coalesce((%(correlation_ids)s::text[])[r.ord], gen_random_uuid()::text)
+           coalesce((%(correlation_ids)s::text[])[r.ord], gen_random_uuid()::text),
+           coalesce(%(state)s::jsonb, '{}'::jsonb)
     FROM jsonb_array_elements(%(payloads)s::jsonb) WITH ORDINALITY AS r(payload, ord)
     ORDER BY r.ord
     {on_conflict}
