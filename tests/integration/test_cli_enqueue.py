@@ -51,7 +51,7 @@ def write_lines(path: Path, lines: list[str]) -> Path:
         ("[1, 2]", "{file} line 5 must be a JSON object, not list"),
         ('{"n": NaN}', "{file} line 5: payload['n'] is nan"),
         ('{"t": "nul \\u0000"}', "{file} line 5: payload['t'] contains a NUL character"),
-        ('{"t": "\\ud800"}', "{file} line 5: payload contains a lone surrogate"),
+        ('{"t": "\\ud800"}', "{file} line 5: payload['t'] contains a lone UTF-16 surrogate"),
         ('{"blob": "' + "x" * 2_000_000 + '"}', "{file} line 5: payload is"),
     ],
 )
