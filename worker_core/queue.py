@@ -30,6 +30,7 @@ from .jobs import (
     TRANSITIONS,
     Job,
     JobStatus,
+    Transition,
 )
 from .logs import StructuredLogger
 from .outcomes import MAX_ERROR_RECORDS, Outcome
@@ -524,23 +525,42 @@ def outcomes_json(outcomes: Sequence[Outcome]) -> str:
     """The ``finish`` batch as one JSON array of objects (the fields of ``Outcome``).
 
     State and error are JSON texts already, so they are spliced in rather than parsed
-    and serialised again. Raises ``ValueError`` for a delay that is not finite.
+    and serialised again; tokens (uuid text), events and the few stage names are
+    quoted without a ``json.dumps`` call per outcome: this runs once per job.
+    Raises ``ValueError`` for a delay that is not finite.
     """
-    dumps = json.dumps
     rows = []
     for o in outcomes:
-        if o.delay is None:
-            delay = "null"
-        elif math.isfinite(o.delay):
-            delay = repr(float(o.delay))
+        delay = o.delay
+        if delay is None:
+            seconds = "null"
+        elif math.isfinite(delay):
+            seconds = repr(float(delay))
         else:
-            raise ValueError(f"job {o.job_id}: outcome delay must be finite, got {o.delay!r}")
+            raise ValueError(f"job {o.job_id}: outcome delay must be finite, got {delay!r}")
+        token = o.token
+        if '"' in token or "\\" in token or not token.isprintable():
+            token = json.dumps(token)[1:-1]
         rows.append(
-            f'{{"id":{int(o.job_id)},"token":{dumps(o.token)},"event":"{o.event.value}",'
-            f'"stage":{dumps(o.stage, ensure_ascii=False)},"state":{o.state or "null"},'
-            f'"delay":{delay},"error":{o.error or "null"}}}'
+            f'{{"id":{int(o.job_id):d},"token":"{token}","event":{_EVENT_JSON[o.event]},'
+            f'"stage":{_json_text(o.stage)},"state":{o.state or "null"},'
+            f'"delay":{seconds},"error":{o.error or "null"}}}'
         )
     return f"[{','.join(rows)}]"
+
+
+_EVENT_JSON = {event: json.dumps(event.value) for event in Transition}
+_TEXTS: dict[str | None, str] = {}
+
+
+def _json_text(text: str | None) -> str:
+    """``json.dumps(text)``, remembered for the few distinct stage names a worker has."""
+    done = _TEXTS.get(text)
+    if done is None:
+        done = json.dumps(text)
+        if len(_TEXTS) < 1024:
+            _TEXTS[text] = done
+    return done
 
 
 def _wakes(outcome: Outcome) -> bool:
