@@ -375,3 +375,64 @@ async def test_a_gap_in_the_chunks_is_a_permanent_error(
     assert job.status is JobStatus.DEAD
     assert job.last_error is not None and "the chunks table holds" in job.last_error["message"]
     assert await document_row(queue, "doc") is None  # never made current
+
+
+class MemoryStorage:
+    """A user's Storage without versions (no stat, no listing): versions are content
+    hashes. Its first read breaks half-way and the object is replaced before the retry."""
+
+    def __init__(self, objects: dict[str, bytes], replacement: bytes) -> None:
+        self.objects = objects
+        self.replacement = replacement
+        self.reads: list[int] = []
+
+    async def open_stream(self, key: str, *, start: int = 0) -> AsyncGenerator[bytes, None]:
+        self.reads.append(start)
+        data = self.objects[key]
+        for at in range(start, len(data), 500):
+            yield data[at : at + 500]
+            if len(self.reads) == 2 and at >= len(data) // 2:  # reads[0] pinned the hash
+                self.objects[key] = self.replacement
+                raise TransientError("connection dropped (test)")
+
+    async def size(self, key: str) -> int:
+        return len(self.objects[key])
+
+    async def exists(self, key: str) -> bool:
+        return key in self.objects
+
+    async def put(self, key: str, data: Any) -> None:
+        self.objects[key] = bytes(data)
+
+    async def health_check(self) -> None:
+        return None
+
+    async def open(self) -> MemoryStorage:
+        return self
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def test_storage_without_versions_is_pinned_by_content_hash(
+    queue: Queue, local_config: WorkerConfig
+) -> None:
+    import hashlib
+
+    from worker_core.ingest.storage import Storage, VersionedStorage
+
+    old, new = text(60, "v1").encode(), text(40, "v2").encode()
+    storage = MemoryStorage({"doc.txt": old}, new)
+    assert isinstance(storage, Storage) and not isinstance(storage, VersionedStorage)
+    chunker = Chunker(300, 30)
+    worker = DocumentWorker(
+        local_config, storage=storage, chunker=chunker, batch_size=5, checkpoint_every=0
+    )
+    job = await ingest(queue, worker, {"document_id": "doc", "key": "doc.txt"})
+    assert job.status is JobStatus.SUCCEEDED, job.last_error
+    version = "sha256:" + hashlib.sha256(new).hexdigest()
+    assert job.state["pin"]["version"] == version and job.state["restarts"] == 1
+    expected = [(version, c.index, c.text, True) for c in chunker.split(new.decode())]
+    assert await rows(queue, "doc") == expected
+    again = await ingest(queue, worker, {"document_id": "doc", "key": "doc.txt"})
+    assert again.state["outcome"] == "unchanged"
