@@ -149,6 +149,9 @@ DRAIN_LIBS = [
     "worker_core",
     "worker_core+prefetch",
 ]
+# Run only when named with --libs: tracing installed (opentelemetry-api importable) but
+# no SDK configured, to compare with plain worker_core in the same run (issue 14).
+EXTRA_LIBS = ["worker_core+otel-api"]
 SLOW_LIBS = {"procrastinate"}
 # chancy and oban drain at one to two thousand jobs/s: a backlog of at most
 # mid_drain_jobs (20,000 in a full run) keeps a sample under half a minute.
@@ -635,7 +638,7 @@ def unavailable(cell: Cell) -> bool:
 
 
 async def run_plan(plan: Plan, admin: str, results: Results) -> None:
-    libs = [k for k in DRAIN_LIBS if k in plan.libs]
+    libs = [k for k in [*DRAIN_LIBS, *EXTRA_LIBS] if k in plan.libs]
     for rep in range(1, plan.repeat + 1):
         print(
             f"\n== repeat {rep}/{plan.repeat} (load average {os.getloadavg()[0]:.2f}) ==",
@@ -976,7 +979,9 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=0, help="override N for enqueue, drain and raw")
     all_scenarios = ["enqueue", "raw", "drain", "sleep", "latency"]
     parser.add_argument("--scenarios", nargs="+", choices=all_scenarios, default=all_scenarios)
-    parser.add_argument("--libs", nargs="+", choices=DRAIN_LIBS, default=DRAIN_LIBS)
+    parser.add_argument(
+        "--libs", nargs="+", choices=[*DRAIN_LIBS, *EXTRA_LIBS], default=DRAIN_LIBS
+    )
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 10, 50])
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2])
     parser.add_argument(
