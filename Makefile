@@ -1,11 +1,26 @@
 # Two commands do all set-up on a fresh machine with Python 3.11+:
 #   make demo   runs the demo on an embedded PostgreSQL (nothing else to install)
-#   make test   runs the whole test suite on an embedded PostgreSQL and S3 endpoint
+#   make test   lints (ruff), type-checks (mypy --strict over the package, tests,
+#               examples and bench) and runs the whole suite on an embedded
+#               PostgreSQL and S3 endpoint
+# Other Pythons side by side: make test PYTHON=python3.13 VENV=.venv-3.13
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# Extra pytest arguments, e.g. PYTEST_ARGS='-m "not slow"' or PYTEST_ARGS=tests/unit
+PYTEST_ARGS ?=
+# `make fuzz`: property tests only, random examples, FUZZ_FACTOR times as many as CI.
+FUZZ_FACTOR ?= 20
+SOURCES := worker_core tests bench examples
 
-.PHONY: test demo lint typecheck bench clean browser-deps screenshot bench-dashboard
+# pyenv installs several Pythons but puts only its global one on PATH: let its shims
+# find the others too (`make test PYTHON=python3.13`), the global one staying first.
+ifneq ($(shell command -v pyenv 2>/dev/null),)
+PYENV_VERSION ?= $(shell v=$$(pyenv version-name 2>/dev/null); printf '%s' "$$v"; pyenv versions --bare 2>/dev/null | grep -E '^3\.[0-9]+\.[0-9]+$$' | grep -vx "$$v" | sed 's/^/:/' | tr -d '\n')
+export PYENV_VERSION
+endif
+
+.PHONY: test suite demo lint typecheck fuzz bench clean system-deps browser-deps screenshot bench-dashboard
 
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "worker_core needs Python 3.11 or newer (set PYTHON=...)")'
@@ -14,22 +29,29 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	@touch $@
 
-test: $(VENV)/.installed browser-deps
-	$(BIN)/python -m pytest -q
+test: lint typecheck suite
 
-# The browser tests drive Debian's chromium through its chromedriver (never a
-# downloaded browser). Installed with apt when missing and allowed (root, or sudo
-# without a password); otherwise one line says how, and the browser tests skip
-# (in CI, CI=true, they fail instead).
-CHROMIUM ?= /usr/bin/chromium
-CHROMEDRIVER ?= /usr/bin/chromedriver
-browser-deps:
-	@if [ -x $(CHROMIUM) ] && [ -x $(CHROMEDRIVER) ]; then exit 0; fi; \
-	if [ "$$(id -u)" = 0 ]; then SUDO=""; \
-	elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then SUDO="sudo -n"; \
-	else echo "browser tests need Debian's chromium and chromium-driver: sudo apt-get install chromium chromium-driver"; exit 0; fi; \
-	echo "installing chromium and chromium-driver (apt)"; \
-	$$SUDO flock /tmp/apt.lock sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null'
+suite: $(VENV)/.installed system-deps
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# Debian packages of the infrastructure-fault tests (tests/scale): PgBouncer, and
+# iproute2 for network namespaces and tc; of the console's browser tests: chromium and
+# chromium-driver. Installed as root on Debian/Ubuntu only;
+# elsewhere those tests skip with one line (with CI=true they fail instead).
+SYSTEM_PACKAGES := pgbouncer iproute2 chromium chromium-driver
+system-deps:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	  if [ -n "$$missing" ]; then \
+	    flock /tmp/apt.lock apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive flock /tmp/apt.lock \
+	      apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  fi; \
+	fi
+
+# The browser tests (tests/browser) drive Debian's chromium through its chromedriver,
+# never a downloaded browser: both are system packages, installed with the others.
+browser-deps: system-deps
 
 # docs/console-overview.png: the overview under load, taken by the test suite's browser.
 screenshot: $(VENV)/.installed browser-deps
@@ -42,11 +64,16 @@ demo: $(VENV)/.installed
 	$(BIN)/worker-core demo
 
 lint: $(VENV)/.installed
-	$(BIN)/ruff check worker_core tests bench examples
-	$(BIN)/ruff format --check worker_core tests bench examples
+	$(BIN)/ruff check $(SOURCES)
+	$(BIN)/ruff format --check $(SOURCES)
 
 typecheck: $(VENV)/.installed
-	$(BIN)/mypy
+	$(BIN)/mypy --strict
+
+fuzz: $(VENV)/.installed
+	HYPOTHESIS_PROFILE=fuzz WORKER_CORE_FUZZ_FACTOR=$(FUZZ_FACTOR) \
+		$(BIN)/python -m pytest -q -m hypothesis --hypothesis-show-statistics \
+		-p no:randomly --timeout=3600 $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed
 	$(BIN)/python bench/enqueue.py
@@ -54,4 +81,4 @@ bench: $(VENV)/.installed
 	$(BIN)/python bench/limits.py
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf .venv .venv-* build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -11,8 +11,15 @@
 2. One generated --size-mb MB document ingested end to end by DocumentWorker
    (local storage, HashingEmbedder) in a child process, whose peak RSS is
    printed. Target: < 200 MB.
+3. Re-ingest: a corpus of --corpus documents (about 8 KB, some 10 chunks each)
+   ingested end to end, then 10 % of them changed and every document enqueued
+   again. Changed documents are read, chunked, embedded and switched to their new
+   version (the old chunks deleted in the same transaction); unchanged ones are
+   recognised by their version without being read. Printed: chunk rows written
+   and replaced per second, documents per second, for both runs.
 
     python bench/ingest.py [--rows 50000] [--batch 1000] [--repeat 3] [--size-mb 200]
+                           [--corpus 2000]
 """
 
 from __future__ import annotations
@@ -263,12 +270,93 @@ async def large_document(dsn: str, size_mb: int) -> None:
     )
 
 
-async def main(rows: int, batch: int, repeat: int, size_mb: int) -> None:
+# -- 3. re-ingest of a changed corpus ------------------------------------------------
+class _Tally:
+    """Chunk rows written and replaced by a run's jobs (from their final state)."""
+
+    def __init__(self) -> None:
+        self.written = 0
+        self.replaced = 0
+
+    async def on_job_done(self, job: Any) -> None:
+        self.written += job.state.get("chunks", {}).get("written", 0)
+        self.replaced += job.state.get("replaced", 0)
+
+
+async def _ingest_all(config: WorkerConfig, n: int) -> tuple[float, Any, _Tally]:
+    from worker_core.ingest.document_worker import DocumentWorker
+
+    tally = _Tally()
+
+    class Worker(DocumentWorker):
+        async def on_job_done(self, job: Any) -> None:
+            await tally.on_job_done(job)
+
+    async with Queue(config) as queue:
+        await queue.enqueue_many(
+            [{"document_id": f"doc-{i}", "key": f"d{i:05d}.txt"} for i in range(n)]
+        )
+    worker = Worker(config, batch_size=1000, embed_batch_size=256)
+    started = time.perf_counter()
+    await worker.run(until_empty=True, install_signal_handlers=False)
+    return time.perf_counter() - started, worker, tally
+
+
+def write_corpus(root: str, n: int, rng: random.Random) -> None:
+    for i in range(n):
+        Path(root, f"d{i:05d}.txt").write_text(paragraph(rng, 8000), encoding="utf-8")
+
+
+def revise(root: str, indexes: list[int]) -> None:
+    for i in indexes:
+        path = Path(root, f"d{i:05d}.txt")
+        path.write_text(path.read_text(encoding="utf-8") + " Revised.", encoding="utf-8")
+
+
+async def reingest(dsn: str, n: int) -> None:
+    schema = new_schema("bench_reingest")
+    rng = random.Random(13)
+    with tempfile.TemporaryDirectory(prefix="wc-bench-") as root:
+        await asyncio.to_thread(write_corpus, root, n, rng)
+        config = WorkerConfig(
+            database={"dsn": dsn, "schema": schema},
+            queue={"name": "bench", "concurrency": 8},
+            storage={"backend": "local", "local_root": root},
+        )
+        try:
+            async with Queue(config) as queue:
+                await queue.migrate()
+            first, worker, tally = await _ingest_all(config, n)
+            assert worker.outcomes["ingested"] == n, worker.outcomes
+            print(
+                f"first ingest of {n:,} documents: {first:.1f} s, {tally.written:,} chunk rows "
+                f"({tally.written / first:,.0f} rows/s, {n / first:,.0f} documents/s)"
+            )
+            changed = rng.sample(range(n), n // 10)
+            await asyncio.to_thread(revise, root, changed)
+            again, worker, tally = await _ingest_all(config, n)
+            outcomes = dict(worker.outcomes)
+            assert outcomes.get("replaced") == len(changed), outcomes
+            rows = tally.written + tally.replaced
+            print(
+                f"re-ingest with 10 % changed: {again:.1f} s; {outcomes['replaced']:,} re-ingested "
+                f"({tally.written:,} chunk rows written, {tally.replaced:,} replaced: "
+                f"{rows / again:,.0f} rows/s), {outcomes.get('unchanged', 0):,} unchanged; "
+                f"{n / again:,.0f} documents/s"
+            )
+        finally:
+            drop_schema(dsn, schema)
+
+
+async def main(rows: int, batch: int, repeat: int, size_mb: int, corpus: int) -> None:
     with database() as dsn:
         print(f"PostgreSQL {server_version(dsn)}")
-        await write_rates(dsn, rows, batch, repeat)
+        if rows:
+            await write_rates(dsn, rows, batch, repeat)
         if size_mb:
             await large_document(dsn, size_mb)
+        if corpus:
+            await reingest(dsn, corpus)
 
 
 if __name__ == "__main__":
@@ -276,10 +364,11 @@ if __name__ == "__main__":
         print(json.dumps(asyncio.run(ingest_child(*sys.argv[2:5]))))
         sys.exit(0)
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--rows", type=int, default=50_000)
+    parser.add_argument("--rows", type=int, default=50_000, help="0 skips the write rates")
     parser.add_argument("--batch", type=int, default=1000)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--size-mb", type=int, default=200, help="0 skips the large document")
+    parser.add_argument("--corpus", type=int, default=2000, help="0 skips the re-ingest")
     args = parser.parse_args()
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    run(main(args.rows, args.batch, args.repeat, args.size_mb))
+    run(main(args.rows, args.batch, args.repeat, args.size_mb, args.corpus))

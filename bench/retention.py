@@ -11,45 +11,145 @@
    table's size and whether a VACUUM ran meanwhile. Then the worker stops and the
    same N-job probe as in step 1 runs three times on the aged table.
 
-Targets (issue 7): the aged probe's median within 10 % of the fresh median; no
-round during which a VACUUM ran slower than 80 % of the median round.
+Targets (issues 7 and 17): the aged probe's median within 10 % of the fresh
+median; no round during which a VACUUM ran slower than 80 % of the median round.
+
+Variants (issue 17), each measured fresh and aged with its own settings, only
+settings and SQL of this script (the library is unchanged):
+
+- ``default``: the worker's defaults (``maintenance.vacuum_dead_rows`` 100,000);
+- ``vdr=N``: ``maintenance.vacuum_dead_rows = N`` (the setting's floor is 1,000);
+- ``reindex=S``: defaults, plus this script running ``REINDEX INDEX CONCURRENTLY``
+  of the claim index (``jobs_claim_idx``) every S seconds while the worker runs
+  (fresh probes and aged rounds alike), timed;
+- ``reindex-all=S``: the same for every partial index the hot path churns
+  (claim, lease, finished).
 
     python bench/retention.py [--total 1000000] [--round 50000] [--probe 20000]
+    python bench/retention.py --variants default vdr=20000 reindex=5
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import statistics
 import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 
-from _common import database, drop_schema, new_schema, run, server_version, summary
-from psycopg import AsyncConnection
+import _servers
+from _common import drop_schema, new_schema, run, server_version, summary
+from psycopg import AsyncConnection, sql
 from throughput import NoopWorker
 
 from worker_core import BaseWorker, Queue, StageContext, WorkerConfig
 
 
-def make_config(dsn: str, schema: str, args: argparse.Namespace) -> WorkerConfig:
+@dataclass
+class Variant:
+    name: str
+    vacuum_dead_rows: int | None = None  # None: the library's default
+    reindex_every: float | None = None
+    reindex_indexes: tuple[str, ...] = ("jobs_claim_idx",)
+    reindex_seconds: list[float] = field(default_factory=list)
+
+    @classmethod
+    def parse(cls, text: str) -> Variant:
+        if text == "default":
+            return cls(text)
+        key, _, value = text.partition("=")
+        if key == "vdr":
+            return cls(text, vacuum_dead_rows=int(value))
+        if key == "reindex":
+            return cls(text, reindex_every=float(value))
+        if key == "reindex-all":
+            every = float(value)
+            return cls(text, None, every, ("jobs_claim_idx", "jobs_lease_idx", "jobs_finished_idx"))
+        raise argparse.ArgumentTypeError(f"unknown variant {text!r}")
+
+
+def make_config(
+    dsn: str, schema: str, args: argparse.Namespace, variant: Variant | None = None
+) -> WorkerConfig:
     """The same settings for the fresh and the aged table: only the history differs."""
-    return WorkerConfig(
-        database={"dsn": dsn, "schema": schema},
-        queue={"name": "bench", "concurrency": args.concurrency, "prefetch": args.prefetch},
-        maintenance={"retention_seconds": args.retention, "interval": args.interval},
+    maintenance: dict[str, Any] = {"retention_seconds": args.retention, "interval": args.interval}
+    if variant is not None and variant.vacuum_dead_rows is not None:
+        maintenance["vacuum_dead_rows"] = variant.vacuum_dead_rows
+    return WorkerConfig.model_validate(
+        {
+            "database": {"dsn": dsn, "schema": schema},
+            "queue": {
+                "name": "bench",
+                "concurrency": args.concurrency,
+                "prefetch": args.prefetch,
+            },
+            "maintenance": maintenance,
+        }
     )
 
 
-async def drain(config: WorkerConfig, queue: Queue, jobs: int) -> float:
+@contextlib.asynccontextmanager
+async def reindexing(dsn: str, schema: str, variant: Variant | None) -> AsyncIterator[None]:
+    """While the body runs: REINDEX INDEX CONCURRENTLY the variant's indexes every
+    ``reindex_every`` seconds (nothing for other variants). CONCURRENTLY takes no
+    lock that blocks claims or writes; it and VACUUM exclude each other, and the
+    worker's VACUUM uses SKIP_LOCKED, so a collision skips that vacuum."""
+    if variant is None or variant.reindex_every is None:
+        yield
+        return
+    every = variant.reindex_every
+
+    async def loop() -> None:
+        async with await AsyncConnection.connect(dsn, autocommit=True) as conn:
+            while True:
+                await asyncio.sleep(every)
+                for index in variant.reindex_indexes:
+                    started = time.perf_counter()
+                    await conn.execute(
+                        sql.SQL("REINDEX INDEX CONCURRENTLY {}.{}").format(
+                            sql.Identifier(schema), sql.Identifier(index)
+                        )
+                    )
+                    variant.reindex_seconds.append(time.perf_counter() - started)
+
+    task = asyncio.create_task(loop())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def drain(
+    config: WorkerConfig, queue: Queue, jobs: int, variant: Variant | None = None
+) -> float:
     """Enqueue ``jobs`` no-op jobs, then time one worker draining them."""
     await queue.enqueue_many([{"i": i} for i in range(jobs)])
     worker = NoopWorker(config)
-    started = time.perf_counter()
-    await worker.run(until_empty=True, install_signal_handlers=False)
-    elapsed = time.perf_counter() - started
+    dsn = config.database.dsn.get_secret_value() if config.database.dsn else ""
+    async with reindexing(dsn, config.database.schema, variant):
+        server_before = SERVER_CPU.seconds() if SERVER_CPU else None
+        cpu = time.process_time()
+        started = time.perf_counter()
+        await worker.run(until_empty=True, install_signal_handlers=False)
+        elapsed = time.perf_counter() - started
+        cpu = time.process_time() - cpu
+        server_after = SERVER_CPU.seconds() if SERVER_CPU else None
     assert worker.metrics.processed == jobs, worker.metrics.summary()
+    if server_before is not None and server_after is not None:
+        # Client (this process: the worker runs here) plus server CPU per job: less
+        # sensitive than the rate to other work on a shared machine.
+        CPU_PER_JOB.setdefault(id(queue), []).append((cpu + server_after - server_before) / jobs)
     return jobs / elapsed
+
+
+# CPU seconds per job (client + server) of each probe, by the Queue it ran on.
+CPU_PER_JOB: dict[int, list[float]] = {}
+SERVER_CPU: _servers.ServerCpu | None = None
 
 
 async def table_state(dsn: str, schema: str) -> dict[str, int]:
@@ -67,18 +167,39 @@ async def table_state(dsn: str, schema: str) -> dict[str, int]:
     return dict(zip(keys, (int(v) for v in row), strict=True))
 
 
-async def fresh(dsn: str, args: argparse.Namespace) -> list[float]:
+async def index_sizes(dsn: str, schema: str) -> str:
+    """The jobs table's heap and index sizes, to see what aged."""
+    async with await AsyncConnection.connect(dsn, autocommit=True) as conn:
+        cur = await conn.execute(
+            "SELECT c.relname, pg_relation_size(c.oid) FROM pg_class c "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE n.nspname = %s AND (c.relname = 'jobs' OR c.oid IN "
+            "(SELECT indexrelid FROM pg_index WHERE indrelid = %s::regclass)) "
+            "ORDER BY c.relname",
+            (schema, f'"{schema}".jobs'),
+        )
+        rows = await cur.fetchall()
+    return ", ".join(f"{name} {size / 2**20:,.1f}" for name, size in rows) + " (MiB)"
+
+
+async def fresh(
+    dsn: str, args: argparse.Namespace, variant: Variant | None = None
+) -> tuple[list[float], list[float]]:
     rates = []
-    for _ in range(args.repeat):
+    cpu: list[float] = []
+    for i in range(args.repeat):
         schema = new_schema("fresh")
-        config = make_config(dsn, schema, args)
+        config = make_config(dsn, schema, args, variant)
         try:
             async with Queue(config) as queue:
                 await queue.migrate()
-                rates.append(await drain(config, queue, args.probe))
+                rates.append(await drain(config, queue, args.probe, variant))
+                cpu.extend(CPU_PER_JOB.pop(id(queue), []))
+                if i == args.repeat - 1:
+                    print(f"  fresh table after a probe: {await index_sizes(dsn, schema)}")
         finally:
             drop_schema(dsn, schema)
-    return rates
+    return rates, cpu
 
 
 class Counting:
@@ -104,11 +225,13 @@ class LongRunningWorker(BaseWorker):
         return [self.stage]
 
 
-async def aged(dsn: str, args: argparse.Namespace) -> tuple[list[float], list[float]]:
+async def aged(
+    dsn: str, args: argparse.Namespace, variant: Variant | None = None
+) -> tuple[list[float], list[float], list[float]]:
     """One long-running worker (as in production: its maintenance and vacuum tasks
     run on their own schedule) takes ``--total`` jobs enqueued in rounds."""
     schema = new_schema("aged")
-    config = make_config(dsn, schema, args)
+    config = make_config(dsn, schema, args, variant)
     rounds: list[tuple[float, bool]] = []
     try:
         async with Queue(config) as queue:
@@ -116,6 +239,8 @@ async def aged(dsn: str, args: argparse.Namespace) -> tuple[list[float], list[fl
             worker = LongRunningWorker(config)
             worker.stage = counter = Counting()
             running = asyncio.create_task(worker.run(install_signal_handlers=False))
+            reindex = reindexing(dsn, schema, variant)
+            await reindex.__aenter__()
             processed = 0
             started = time.perf_counter()
             while processed < args.total:
@@ -133,6 +258,8 @@ async def aged(dsn: str, args: argparse.Namespace) -> tuple[list[float], list[fl
                 )
                 rounds.append((rate, vacuumed))
                 processed += size
+                if not args.verbose and len(rounds) % 5 and processed < args.total:
+                    continue
                 print(
                     f"  round {len(rounds):>3}: {processed:>9,} processed, {rate:>7,.0f} jobs/s"
                     f"{' (vacuum ran)' if vacuumed else ''}; jobs table "
@@ -141,6 +268,7 @@ async def aged(dsn: str, args: argparse.Namespace) -> tuple[list[float], list[fl
                     flush=True,
                 )
             elapsed = time.perf_counter() - started
+            await reindex.__aexit__(None, None, None)
             await worker.stop()
             await running
             state = await table_state(dsn, schema)
@@ -150,37 +278,70 @@ async def aged(dsn: str, args: argparse.Namespace) -> tuple[list[float], list[fl
                 f"vacuumed it {worker.metrics.vacuums} times and pruned "
                 f"{worker.metrics.pruned:,} jobs; autovacuum ran {state['autovacuum']} times"
             )
-            probes = [await drain(config, queue, args.probe) for _ in range(args.repeat)]
+            print(f"  aged table: {await index_sizes(dsn, schema)}")
+            probes = [await drain(config, queue, args.probe, variant) for _ in range(args.repeat)]
+            probe_cpu = CPU_PER_JOB.pop(id(queue), [])
     finally:
         drop_schema(dsn, schema)
     round_rates = [rate for rate, _ in rounds]
     typical = statistics.median(round_rates)
     print(f"rounds: {summary(round_rates)} jobs/s")
     vacuum_rates = [rate for rate, vacuumed in rounds if vacuumed]
-    return probes, [rate / typical for rate in vacuum_rates] or [1.0]
+    return probes, [rate / typical for rate in vacuum_rates] or [1.0], probe_cpu
+
+
+async def one_variant(
+    dsn: str, args: argparse.Namespace, variant: Variant
+) -> tuple[float, float, float]:
+    print(f"\n== variant {variant.name} ==", flush=True)
+    baseline, fresh_cpu = await fresh(dsn, args, variant)
+    print(f"fresh table: {summary(baseline)} jobs/s")
+    probes, vacuum_ratios, aged_cpu = await aged(dsn, args, variant)
+    print(f"after {args.total:,} jobs with retention: {summary(probes)} jobs/s")
+    ratio = statistics.median(probes) / statistics.median(baseline)
+    print(
+        f"aged / fresh drain rate: {ratio:.2f} (target >= 0.90) "
+        f"{'OK' if ratio >= 0.9 else 'MISSED'}"
+    )
+    cpu_ratio = float("nan")
+    if fresh_cpu and aged_cpu:
+        f_us, a_us = statistics.median(fresh_cpu) * 1e6, statistics.median(aged_cpu) * 1e6
+        cpu_ratio = f_us / a_us
+        print(
+            f"CPU per job (worker + server): fresh {f_us:,.0f} us, aged {a_us:,.0f} us; "
+            f"fresh / aged {cpu_ratio:.2f} (the rate ratio's CPU-bound counterpart)"
+        )
+    worst = min(vacuum_ratios)
+    print(
+        f"slowest round with a VACUUM running: {worst:.2f} of the median round "
+        f"(target >= 0.80) {'OK' if worst >= 0.8 else 'MISSED'}"
+    )
+    if variant.reindex_seconds:
+        times = variant.reindex_seconds
+        print(
+            f"REINDEX CONCURRENTLY: {len(times)} runs, median {statistics.median(times) * 1000:,.0f} ms"
+            f", max {max(times) * 1000:,.0f} ms"
+        )
+    return ratio, statistics.median(probes), cpu_ratio
 
 
 async def main(args: argparse.Namespace) -> None:
-    with database() as dsn:
+    global SERVER_CPU
+    with _servers.from_args(args) as server:
+        dsn = server.dsn
+        SERVER_CPU = _servers.ServerCpu(server.postmaster_pid) if server.postmaster_pid else None
         print(
-            f"PostgreSQL {server_version(dsn)}; concurrency {args.concurrency}, prefetch "
-            f"{args.prefetch}; probe {args.probe:,} jobs x {args.repeat}; retention "
-            f"{args.retention:g} s every {args.interval:g} s"
+            f"PostgreSQL {server_version(dsn)} ({server.description}); concurrency "
+            f"{args.concurrency}, prefetch {args.prefetch}; probe {args.probe:,} jobs x "
+            f"{args.repeat}; retention {args.retention:g} s every {args.interval:g} s"
         )
-        baseline = await fresh(dsn, args)
-        print(f"fresh table: {summary(baseline)} jobs/s")
-        probes, vacuum_ratios = await aged(dsn, args)
-        print(f"after {args.total:,} jobs with retention: {summary(probes)} jobs/s")
-        ratio = statistics.median(probes) / statistics.median(baseline)
-        print(
-            f"aged / fresh drain rate: {ratio:.2f} (target >= 0.90) "
-            f"{'OK' if ratio >= 0.9 else 'MISSED'}"
-        )
-        worst = min(vacuum_ratios)
-        print(
-            f"slowest round with a VACUUM running: {worst:.2f} of the median round "
-            f"(target >= 0.80) {'OK' if worst >= 0.8 else 'MISSED'}"
-        )
+        outcome = {}
+        for variant in args.variants:
+            outcome[variant.name] = await one_variant(dsn, args, variant)
+        if len(outcome) > 1:
+            print("\nvariant        aged/fresh rate  fresh/aged CPU per job  aged probe jobs/s")
+            for name, (ratio, rate, cpu_ratio) in outcome.items():
+                print(f"{name:<14} {ratio:>15.2f}  {cpu_ratio:>22.2f}  {rate:>17,.0f}")
 
 
 if __name__ == "__main__":
@@ -193,4 +354,13 @@ if __name__ == "__main__":
     parser.add_argument("--prefetch", type=int, default=50)
     parser.add_argument("--retention", type=float, default=1.0)
     parser.add_argument("--interval", type=float, default=0.5)
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        type=Variant.parse,
+        default=[Variant("default")],
+        help="default | vdr=N | reindex=SECONDS | reindex-all=SECONDS (each fresh and aged)",
+    )
+    parser.add_argument("--verbose", action="store_true", help="print every round")
+    _servers.add_arguments(parser)
     run(main(parser.parse_args()))

@@ -37,9 +37,11 @@ class NoopWorker(BaseWorker):
 
 
 def make_config(dsn: str, schema: str, concurrency: int, **queue: Any) -> WorkerConfig:
-    return WorkerConfig(
-        database={"dsn": dsn, "schema": schema},
-        queue={"name": "bench", "concurrency": concurrency, **queue},
+    return WorkerConfig.model_validate(
+        {
+            "database": {"dsn": dsn, "schema": schema},
+            "queue": {"name": "bench", "concurrency": concurrency, **queue},
+        }
     )
 
 

@@ -14,11 +14,58 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from worker_core.config import WorkerConfig
 
+# -- Hypothesis ------------------------------------------------------------------------
+# "ci" (the default): derandomized and without an example database, so every run on
+# every clone tries the same examples, and a commit that passes once passes
+# everywhere. "fuzz" (`make fuzz`, HYPOTHESIS_PROFILE=fuzz): random examples,
+# WORKER_CORE_FUZZ_FACTOR (20) times as many for every property test, to find what
+# the fixed set misses; what it finds becomes an explicit @example or unit test.
+FUZZ_FACTOR = int(os.environ.get("WORKER_CORE_FUZZ_FACTOR", "20"))
+settings.register_profile(
+    "ci", derandomize=True, database=None, deadline=None, print_blob=True, max_examples=100
+)
+settings.register_profile(
+    "fuzz",
+    derandomize=False,
+    deadline=None,
+    print_blob=True,
+    max_examples=100 * FUZZ_FACTOR,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def fuzzing() -> bool:
+    return settings.get_current_profile_name() == "fuzz"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under the fuzz profile, multiply the examples of every @given test (a test's
+    own @settings(max_examples=n) counts as its ci size)."""
+    if not fuzzing():
+        return
+    scaled: set[int] = set()
+    for item in items:
+        test = getattr(item, "obj", None)
+        current = getattr(test, "_hypothesis_internal_use_settings", None)
+        if not isinstance(current, settings) or id(test) in scaled:
+            continue
+        scaled.add(id(test))
+        test._hypothesis_internal_use_settings = settings(  # type: ignore[union-attr]
+            current,
+            max_examples=current.max_examples * FUZZ_FACTOR,
+            derandomize=False,
+            suppress_health_check=list(HealthCheck),
+        )
+    assert scaled, "no Hypothesis test found to fuzz (did the settings attribute move?)"
+
+
 # Fast, crash-unsafe settings are fine for a throwaway test server.
-TEST_SERVER_SETTINGS = {
+TEST_SERVER_SETTINGS: dict[str, str | int | float] = {
     "max_connections": 400,
     "fsync": "off",
     "synchronous_commit": "off",

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from .retry import ErrorKind
     from .schedules import Schedule
     from .stages import Stage, StageContext
+    from .syncqueue import SyncQueue
     from .worker import BaseWorker
     from .writes import Chunk, ChunkWriter, WriteResult, chunk_id
 
@@ -53,6 +54,7 @@ _EXPORTS: dict[str, str] = {
     "Stage": "stages",
     "StageContext": "stages",
     "StructuredLogger": "logs",
+    "SyncQueue": "syncqueue",
     "TransientError": "errors",
     "WorkerConfig": "config",
     "WorkerCoreError": "errors",
@@ -82,6 +84,7 @@ __all__ = [
     "Stage",
     "StageContext",
     "StructuredLogger",
+    "SyncQueue",
     "TransientError",
     "WorkerConfig",
     "WorkerCoreError",

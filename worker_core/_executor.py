@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
+from . import _tracing
 from ._completer import Completer
 from .config import WorkerConfig
 from .errors import LeaseLostError, PermanentError, TransientError
@@ -196,11 +197,17 @@ class Executor:
                 attempt=job.attempt,
                 worker_id=self._worker_id,
             ):
-                await self._execute(run)
+                if _tracing.enabled():  # the one check tracing costs a job when off
+                    with _tracing.consumer(
+                        job, worker_id=self._worker_id, secrets=self._secrets
+                    ) as trace:
+                        await self._execute(run, trace)
+                else:
+                    await self._execute(run, None)
         finally:
             self._metrics.job_ended()
 
-    async def _execute(self, run: Run) -> None:
+    async def _execute(self, run: Run, trace: _tracing.Consumer | None) -> None:
         job = run.job
         state = dict(job.state)
         ctx = StageContext(
@@ -228,7 +235,11 @@ class Executor:
             for stage in self._remaining(job, stages):
                 run.current_stage = ctx.stage = stage.name
                 with job_context(stage=stage.name):
-                    await self._run_stage(stage, ctx)
+                    if trace is None:
+                        await self._run_stage(stage, ctx)
+                    else:
+                        with trace.stage(stage.name):
+                            await self._run_stage(stage, ctx)
                 if run.cancel_reason is not None:
                     # The stage swallowed our CancelledError: the run still ends here.
                     raise asyncio.CancelledError
@@ -247,6 +258,8 @@ class Executor:
             else:
                 await self._cancelled(run)
         except Exception as exc:
+            if trace is not None:
+                trace.failed(exc)
             await self._fail(run, exc, run.current_stage)
 
     def _remaining(self, job: Job, stages: list[Stage]) -> list[Stage]:

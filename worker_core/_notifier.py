@@ -9,6 +9,11 @@ goes through PgBouncer in transaction mode, where LISTEN does not work), else
 with ``database.dsn``. While it is down the claim loop polls every
 ``queue.poll_interval``; it reconnects with capped, jittered backoff and, once
 back, makes the worker look for work it may have missed.
+
+LISTEN through a transaction pooler is accepted and then never delivers a
+notification (the session that listened goes back to the pool), so a pooled
+target is recognised (``behind_pooler``): without ``listen_dsn`` the worker
+polls only, and a ``listen_dsn`` that is itself pooled is refused at start-up.
 """
 
 from __future__ import annotations
@@ -21,10 +26,47 @@ from collections.abc import Callable
 
 from .config import WorkerConfig
 from .logs import StructuredLogger
-from .queue import Queue
-from .redact import redact_text
+from .queue import Queue, behind_pooler
+from .redact import mask_dsn, redact_text
 
-__all__ = ["Notifier"]
+__all__ = ["Notifier", "check_listen_target"]
+
+_POOLED_LISTEN_DSN = (
+    "database.listen_dsn reaches PostgreSQL through a connection pooler (PgBouncer?), "
+    "where LISTEN never delivers a notification: point it at the server itself, "
+    "or leave it unset to poll"
+)
+
+
+async def check_listen_target(config: WorkerConfig, logger: StructuredLogger) -> bool:
+    """Whether the worker may LISTEN; False means it polls only.
+
+    Raises:
+        RuntimeError: ``database.listen_dsn`` goes through a connection pooler.
+    """
+    from psycopg import AsyncConnection
+
+    dsn = config.listen_dsn()
+    try:
+        conn = await AsyncConnection.connect(
+            dsn, autocommit=True, **config.database.connection_params(dsn)
+        )
+    except Exception:
+        return True  # unreachable now: the notifier retries and the worker polls meanwhile
+    try:
+        pooled = await behind_pooler(conn)
+    finally:
+        await conn.close()
+    if not pooled:
+        return True
+    if config.database.listen_dsn is not None:
+        raise RuntimeError(f"{_POOLED_LISTEN_DSN} ({mask_dsn(dsn)})")
+    logger.warning(
+        "LISTEN is off: database.dsn goes through a connection pooler, so workers poll; "
+        "set database.listen_dsn to the server's own address for instant wake-ups",
+        poll_interval=config.queue.poll_interval,
+    )
+    return False
 
 
 class Notifier:
@@ -42,8 +84,11 @@ class Notifier:
         on_pause: Callable[[list[str], bool], None] | None = None,
         on_connect: Callable[[], None] | None = None,
         rng: random.Random | None = None,
+        enabled: bool = True,
     ) -> None:
         self._config = config
+        #: False: LISTEN is off (the target is a pooler) and the worker polls only.
+        self.enabled = enabled
         self._channel = queue.channel
         self._breaker_channel = queue.breaker_channel
         self._control_channel = queue.control_channel
@@ -67,15 +112,22 @@ class Notifier:
         failing = False
         names = frozenset(self._config.queue.names)
         database = self._config.database
-        while True:
+        dsn = self._config.listen_dsn()
+        while self.enabled:
             conn = None
             try:
                 conn = await AsyncConnection.connect(
-                    self._config.listen_dsn(),
+                    dsn,
                     autocommit=True,
-                    connect_timeout=max(1, int(database.connect_timeout)),
                     application_name=f"{database.application_name}.listen"[:63],
+                    # Keepalives: an idle LISTEN connection on a dead path is otherwise
+                    # never noticed, and the worker would wait for NOTIFYs forever.
+                    **database.connection_params(dsn),
                 )
+                if await behind_pooler(conn):  # it became one since start-up
+                    self._logger.error(_POOLED_LISTEN_DSN + "; polling only")
+                    self.enabled = False
+                    return
                 for channel in (self._channel, self._breaker_channel, self._control_channel):
                     await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
                 self.connected = True

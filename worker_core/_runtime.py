@@ -34,7 +34,7 @@ from ._completer import Completer
 from ._dispatch import Dispatcher
 from ._executor import Executor, Hooks
 from ._maintenance import Maintenance
-from ._notifier import Notifier
+from ._notifier import Notifier, check_listen_target
 from ._watchdog import StallWatchdog
 from .config import WorkerConfig
 from .logs import StructuredLogger
@@ -197,6 +197,7 @@ class Runtime:
             concurrency=self._config.queue.concurrency,
             listener_connected=bool(n is not None and n.connected),
             listener_connects=n.connects if n is not None else 0,
+            polling_only=bool(n is not None and not n.enabled),
             queue=self.queue if self.running else None,
             breakers=breakers,
             health_checks=checks,
@@ -227,6 +228,7 @@ class Runtime:
             )
             self.queue = queue = Queue(config, pool=self._pool)
             await self._check_schema(queue)
+            listening = await check_listen_target(config, self._log)
             # Attached from the first run on, so a breaker a stage creates later
             # already shares the fleet's state.
             await parts.breakers.attach(queue)
@@ -274,7 +276,7 @@ class Runtime:
                 config, queue, self._log, on_work=dispatcher.notify,
                 on_breaker_trip=self._breaker_tripped_elsewhere, on_cancel=dispatcher.cancel,
                 on_pause=dispatcher.set_paused, on_connect=maintenance.paused_stale,
-                rng=parts.rng,
+                rng=parts.rng, enabled=listening,
             )  # fmt: skip
 
             def leases() -> list[tuple[int, str]]:
@@ -375,17 +377,17 @@ class Runtime:
             self._log.info("worker stopped", **{k: summary[k] for k in keys})
 
     async def _check_schema(self, queue: Queue) -> None:
-        version = await queue.schema_version()
-        latest = migrations()[-1].version
-        if version == 0:
+        applied = await queue.applied_versions()
+        if not applied:
             raise RuntimeError(
                 f"schema {queue.schema!r} is not installed: run `worker-core migrate` "
                 "or `await Queue(config).migrate()` first"
             )
-        if version < latest:
+        missing = sorted({m.version for m in migrations()} - applied)
+        if missing:
             raise RuntimeError(
-                f"schema {queue.schema!r} is at version {version}, this worker_core needs "
-                f"{latest}: run `worker-core migrate`"
+                f"schema {queue.schema!r} lacks migrations {missing} that this worker_core "
+                "needs: run `worker-core migrate`"
             )
 
     def _paused_for(self) -> float | None:

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib
 import json
 import logging
+import math
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -50,15 +52,36 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-vector", dest="vector", action="store_false", help="store embeddings as real[]"
     )
 
-    p = sub.add_parser("enqueue", help="add jobs from JSON arguments, a file or stdin")
+    p = sub.add_parser(
+        "enqueue",
+        help="add jobs from JSON arguments, a file or stdin (all or nothing)",
+        description="Every line is checked before anything is stored; then all jobs are "
+        "added in one transaction (one statement per batch), so a bad line stores nothing.",
+    )
     p.add_argument("payloads", nargs="*", metavar="JSON", help="one JSON object per job")
     p.add_argument("--file", "-f", help="a JSON-lines file (one object per line), or - for stdin")
-    p.add_argument("--priority", type=int, default=0)
-    p.add_argument("--delay", type=float, default=None, help="seconds before the jobs are ready")
-    p.add_argument("--max-attempts", type=int, default=None)
-    p.add_argument("--dedupe-key", default=None, help="for a single job")
+    p.add_argument("--priority", type=_bounded_int(-(2**31), 2**31 - 1), default=0)
+    p.add_argument(
+        "--delay",
+        type=_delay_seconds,
+        default=None,
+        help="seconds before the jobs are ready (finite, at most 100 years)",
+    )
+    p.add_argument("--max-attempts", type=_bounded_int(1, 10_000), default=None)
+    keys = p.add_mutually_exclusive_group()
+    keys.add_argument("--dedupe-key", default=None, help="for a single job")
+    keys.add_argument(
+        "--dedupe-key-field",
+        metavar="FIELD",
+        default=None,
+        help="use each payload's FIELD as its dedupe key: lines whose key a job of the "
+        "queue already holds (in any status) are skipped, so a retried import adds "
+        "only what is missing",
+    )
     p.add_argument("--kind", default="default", help="the jobs' kind (default: 'default')")
-    p.add_argument("--batch", type=int, default=10_000, help="jobs per statement")
+    p.add_argument(
+        "--batch", type=_bounded_int(1, 1_000_000), default=10_000, help="jobs per statement"
+    )
 
     p = sub.add_parser("run", help="run a worker class until stopped")
     p.add_argument("target", metavar="MODULE:CLASS", help="e.g. myapp.workers:IngestWorker")
@@ -112,6 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="embedded PostgreSQL data directory (kept between runs)",
     )
     p.add_argument("--storage-dir", type=Path, default=None)
+
+    p = sub.add_parser(
+        "sync", help="enqueue ingest jobs for new and changed objects, deletes for vanished"
+    )
+    p.add_argument("prefix", metavar="PREFIX", help="a key prefix in storage ('' for all)")
+    p.add_argument("--batch", type=int, default=1000, help="differences per transaction")
+    p.add_argument("--json", action="store_true")
     return parser
 
 
@@ -161,18 +191,31 @@ async def cmd_migrate(args: argparse.Namespace, out: IO[str]) -> int:
     return EXIT_OK
 
 
-def read_payloads(args: argparse.Namespace, stdin: IO[str]) -> Iterator[tuple[str, Any]]:
+def read_payloads(args: argparse.Namespace, stdin: IO[str]) -> Iterator[tuple[str, str]]:
+    """``(where, text)`` for every argument and non-blank line; ``where`` names the
+    file and line (``jobs.jsonl line 4``) for error messages."""
     for i, text in enumerate(args.payloads, 1):
         yield f"argument {i}", text
-    if args.file:
-        handle = stdin if args.file == "-" else Path(args.file).open(encoding="utf-8")  # noqa: SIM115
-        try:
-            for n, line in enumerate(handle, 1):
-                if line.strip():
-                    yield f"{'stdin' if args.file == '-' else args.file} line {n}", line
-        finally:
-            if handle is not stdin:
-                handle.close()
+    if not args.file:
+        return
+    if args.file == "-":
+        for n, line in enumerate(stdin, 1):
+            if line.strip():
+                yield f"stdin line {n}", line
+        return
+    try:
+        handle = Path(args.file).open("rb")  # noqa: SIM115
+    except OSError as exc:
+        raise CommandError(f"cannot read {args.file}: {exc.strerror or exc}") from None
+    with handle:
+        for n, raw in enumerate(handle, 1):
+            where = f"{args.file} line {n}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise CommandError(f"{where} is not valid UTF-8") from None
+            if line.strip():
+                yield where, line
 
 
 def parse_payload(where: str, text: str) -> dict[str, Any]:
@@ -180,45 +223,143 @@ def parse_payload(where: str, text: str) -> dict[str, Any]:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise CommandError(f"invalid JSON in {where}: {exc.msg} at column {exc.colno}") from None
+    except RecursionError:
+        raise CommandError(f"invalid JSON in {where}: nested too deeply") from None
     if not isinstance(value, dict):
         raise CommandError(f"{where} must be a JSON object, not {type(value).__name__}")
     return value
+
+
+def check_payloads(
+    lines: list[tuple[str, str]], *, max_bytes: int, key_field: str | None
+) -> tuple[list[dict[str, Any]], list[str] | None]:
+    """Parse and check every line before anything is stored: the payloads, and their
+    dedupe keys when ``key_field`` is given. Errors name the file and line."""
+    from ._inputs import MAX_DEDUPE_KEY_BYTES, refuse_surrogates, text_param
+    from .errors import PayloadError
+    from .jobs import dump_json
+
+    payloads: list[dict[str, Any]] = []
+    keys: list[str] | None = [] if key_field else None
+    first_line: dict[str, str] = {}
+    for where, text in lines:
+        payload = parse_payload(where, text)
+        try:
+            refuse_surrogates(
+                dump_json(payload, "payload", max_bytes=max_bytes), [payload], "payload", 0
+            )
+        except PayloadError as exc:
+            raise CommandError(f"{where}: {exc}") from None
+        if keys is not None and key_field is not None:
+            value = payload.get(key_field)
+            if isinstance(value, int) and not isinstance(value, bool):
+                value = str(value)
+            if not isinstance(value, str) or not value:
+                raise CommandError(
+                    f"{where} has no dedupe key: field {key_field!r} must be a non-empty "
+                    "string or an integer"
+                )
+            try:
+                text_param(value, f"field {key_field!r}", max_bytes=MAX_DEDUPE_KEY_BYTES)
+            except ValueError as exc:
+                raise CommandError(f"{where}: {exc}") from None
+            if value in first_line:
+                raise CommandError(
+                    f"{where} repeats the dedupe key {value[:80]!r} of {first_line[value]}"
+                )
+            first_line[value] = where
+            keys.append(value)
+        payloads.append(payload)
+    return payloads, keys
 
 
 async def cmd_enqueue(args: argparse.Namespace, out: IO[str], stdin: IO[str]) -> int:
     from .jobs import check_label
     from .queue import Queue
 
-    payloads = [parse_payload(where, text) for where, text in read_payloads(args, stdin)]
+    config = load_config(args)
+    payloads, keys = check_payloads(
+        list(read_payloads(args, stdin)),
+        max_bytes=config.queue.max_payload_bytes,
+        key_field=args.dedupe_key_field,
+    )
     if not payloads:
         raise CommandError("nothing to enqueue: give JSON arguments, --file FILE or --file -")
     if args.dedupe_key and len(payloads) > 1:
-        raise CommandError("--dedupe-key applies to a single job")
+        raise CommandError("--dedupe-key applies to a single job (see --dedupe-key-field)")
+    if args.dedupe_key:
+        keys = [args.dedupe_key]
     try:
         kind = check_label(args.kind, "--kind")
     except ValueError as exc:
         raise CommandError(str(exc)) from None
-    config = load_config(args)
     require_dsn(config)
+    skipped = 0
     ids: list[int] = []
-    async with Queue(config) as queue:
+    async with Queue(config) as queue, queue.connection() as conn, conn.transaction():
+        # One transaction for the whole input: a failure part-way stores nothing, so
+        # the natural retry after fixing a line cannot enqueue the first lines twice.
+        if args.dedupe_key_field and keys is not None:
+            held: dict[str, int] = {}
+            for start in range(0, len(keys), args.batch):
+                held |= await queue.jobs_by_dedupe_key(
+                    keys[start : start + args.batch], connection=conn
+                )
+            todo = [i for i, key in enumerate(keys) if key not in held]
+            skipped = len(payloads) - len(todo)
+            payloads = [payloads[i] for i in todo]
+            keys = [keys[i] for i in todo]
         with _progress(len(payloads), "enqueue", enabled=len(payloads) > args.batch) as bar:
-            for start in range(0, len(payloads), max(1, args.batch)):
-                chunk = payloads[start : start + max(1, args.batch)]
+            for start in range(0, len(payloads), args.batch):
+                chunk = payloads[start : start + args.batch]
                 ids += await queue.enqueue_many(
                     chunk,
                     priority=args.priority,
                     run_at=args.delay,
                     max_attempts=args.max_attempts,
-                    dedupe_keys=[args.dedupe_key] if args.dedupe_key else None,
+                    dedupe_keys=keys[start : start + args.batch] if keys else None,
+                    connection=conn,
                     kind=kind,
                 )
                 bar.update(len(chunk))
-    if len(ids) <= 20:
+    name = config.queue.primary
+    if args.dedupe_key_field:
+        out.write(
+            f"enqueued {len(ids)} jobs on {name!r}; skipped {skipped} already enqueued "
+            f"(field {args.dedupe_key_field!r})\n"
+        )
+    elif len(ids) <= 20:
         out.write(" ".join(str(i) for i in ids) + "\n")
     else:
-        out.write(f"enqueued {len(ids)} jobs ({ids[0]}..{ids[-1]}) on {config.queue.primary!r}\n")
+        out.write(f"enqueued {len(ids)} jobs ({ids[0]}..{ids[-1]}) on {name!r}\n")
     return EXIT_OK
+
+
+def _bounded_int(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be between {low} and {high}, got {value}")
+        return value
+
+    return parse
+
+
+def _delay_seconds(text: str) -> float:
+    from ._inputs import MAX_RUN_AT_SECONDS
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds, got {text!r}")
+    if abs(value) > MAX_RUN_AT_SECONDS:
+        raise argparse.ArgumentTypeError("must be at most 100 years (3155760000 seconds)")
+    return value
 
 
 def load_worker_class(target: str) -> type[Any]:
@@ -463,6 +604,21 @@ async def cmd_dashboard(args: argparse.Namespace, out: IO[str]) -> int:
         await serve(config, host=args.host, port=args.port, read_only=args.read_only, ready=ready)
     except PermissionError as exc:
         raise CommandError(str(exc)) from None
+async def cmd_sync(args: argparse.Namespace, out: IO[str]) -> int:
+    from .ingest.storage import storage_from_config
+    from .ingest.sync import sync_prefix
+    from .queue import Queue
+
+    if args.batch < 1:
+        raise CommandError("--batch must be at least 1")
+    config = load_config(args)
+    require_dsn(config)
+    async with Queue(config) as queue, storage_from_config(config.storage) as storage:
+        result = await sync_prefix(queue, storage, args.prefix, batch_size=args.batch)
+    if args.json:
+        out.write(json.dumps({**vars(result), "jobs": result.jobs}) + "\n")
+    else:
+        out.write(result.summary() + f" on {config.queue.primary!r}\n")
     return EXIT_OK
 
 
@@ -484,7 +640,10 @@ def main(
     out, err, inp = stdout or sys.stdout, stderr or sys.stderr, stdin or sys.stdin
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        # argparse prints usage and errors on sys.stderr/stdout: send them where the
+        # caller asked (an embedding application, a test).
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+            args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse already printed its usage line
         return int(exc.code or 0)
     commands: dict[str, Any] = {
@@ -500,6 +659,7 @@ def main(
         "cancel": lambda: cmd_cancel(args, out),
         "resume": lambda: cmd_pause(args, out),
         "dashboard": lambda: cmd_dashboard(args, out),
+        "sync": lambda: cmd_sync(args, out),
     }
     try:
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:

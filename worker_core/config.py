@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import math
 import re
 import warnings
 from pathlib import Path
@@ -48,7 +49,17 @@ __all__ = [
     "WorkerConfig",
 ]
 
-IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+#: A plain SQL identifier; always used with ``fullmatch`` (``$`` lets a trailing newline in).
+IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+
+# Upper bounds of durations (seconds). A value beyond them is a typo or an attack,
+# and a huge one overflows PostgreSQL's interval or timestamp arithmetic.
+MINUTE = 60
+HOUR = 3600
+DAY = 86_400
+YEAR = 365 * DAY
+#: Bound of every count-like size setting (batch sizes, rows, calls).
+MAX_COUNT = 1_000_000
 
 
 class Dsn(SecretStr):
@@ -83,9 +94,21 @@ def _validate_dsn(value: str) -> str:
     return text
 
 
+def _no_control_chars(value: str) -> str:
+    if any(ord(c) < 32 or c == "\x7f" for c in value):
+        raise ValueError("must not contain control characters (NUL, newline, ...)")
+    return value
+
+
 class _Section(BaseModel):
+    # allow_inf_nan=False: inf and NaN are refused in every float field of every
+    # section, from code and from the environment ("inf" as text too).
     model_config = ConfigDict(
-        extra="forbid", frozen=True, hide_input_in_errors=True, validate_default=True
+        extra="forbid",
+        frozen=True,
+        hide_input_in_errors=True,
+        validate_default=True,
+        allow_inf_nan=False,
     )
 
 
@@ -109,15 +132,21 @@ with warnings.catch_warnings():
             default="worker_core",
             description="schema holding every table; two schemas are two isolated installs",
         )
-        pool_min_size: int = Field(default=1, ge=1)
-        pool_max_size: int = Field(default=10, ge=1)
-        connect_timeout: float = Field(default=10.0, gt=0)
+        pool_min_size: int = Field(default=1, ge=1, le=10_000)
+        pool_max_size: int = Field(default=10, ge=1, le=10_000)
+        connect_timeout: float = Field(default=10.0, gt=0, le=10 * MINUTE)
         prepare_threshold: int | None = Field(
             default=5,
             ge=0,
+            le=MAX_COUNT,
             description="psycopg auto-prepare threshold; None behind PgBouncer transaction mode",
         )
         application_name: str = Field(default="worker_core", max_length=63)
+
+        @field_validator("application_name")
+        @classmethod
+        def _check_application_name(cls, value: str) -> str:
+            return _no_control_chars(value)
 
         @field_validator("dsn", "listen_dsn", mode="before")
         @classmethod
@@ -131,10 +160,11 @@ with warnings.catch_warnings():
         @field_validator("schema")
         @classmethod
         def _check_schema(cls, value: str) -> str:
-            if not IDENTIFIER.match(value):
+            if not IDENTIFIER.fullmatch(value):
                 raise ValueError(
-                    "must be a plain SQL identifier: lower-case letters, digits and _, "
-                    "not starting with a digit, at most 63 characters"
+                    "must be a plain SQL identifier (full match of [a-z_][a-z0-9_]*: "
+                    "lower-case letters, digits and _, not starting with a digit, "
+                    "at most 63 characters)"
                 )
             if value.startswith("pg_"):
                 raise ValueError("must not start with pg_ (reserved by PostgreSQL)")
@@ -145,6 +175,43 @@ with warnings.catch_warnings():
             if self.pool_min_size > self.pool_max_size:
                 raise ValueError("pool_min_size must be <= pool_max_size")
             return self
+
+        # TCP settings of every connection worker_core opens. A network path that dies
+        # silently (a partition, a crashed host, a dropped NAT entry: no RST) is only
+        # noticed by them; without them a connection waits ~15 min with data in flight
+        # and forever when idle (LISTEN). docs/operations.md states the bound.
+        keepalives_idle: int = Field(
+            default=10, ge=1, le=3600, description="s of silence before the first TCP keepalive"
+        )
+        keepalives_interval: int = Field(
+            default=5, ge=1, le=600, description="s between unanswered TCP keepalives"
+        )
+        keepalives_count: int = Field(
+            default=3, ge=1, le=100, description="unanswered keepalives that drop the connection"
+        )
+        tcp_user_timeout: float = Field(
+            default=30.0,
+            ge=0,
+            le=3600,
+            description="s data may stay unacknowledged before the connection is dropped "
+            "(Linux; also ends keepalive probing; 0: the OS default)",
+        )
+
+        def connection_params(self, dsn: str) -> dict[str, Any]:
+            """libpq keywords for a connection to ``dsn``: connect timeout and TCP
+            keepalives, except those the DSN sets itself (the DSN wins)."""
+            from psycopg.conninfo import conninfo_to_dict
+
+            given = conninfo_to_dict(dsn)
+            params: dict[str, Any] = {
+                "connect_timeout": max(1, math.ceil(self.connect_timeout)),
+                "keepalives": 1,
+                "keepalives_idle": self.keepalives_idle,
+                "keepalives_interval": self.keepalives_interval,
+                "keepalives_count": self.keepalives_count,
+                "tcp_user_timeout": round(self.tcp_user_timeout * 1000),
+            }
+            return {k: v for k, v in params.items() if k not in given}
 
 
 class QueueSettings(_Section):
@@ -167,10 +234,12 @@ class QueueSettings(_Section):
         "each of the worker's queues, or per queue name; every worker of a queue should "
         "use the same value",
     )
-    poll_interval: float = Field(default=1.0, gt=0, description="fallback poll (s) without NOTIFY")
-    lease_seconds: float = Field(default=30.0, gt=0)
-    heartbeat_seconds: float = Field(default=10.0, gt=0)
-    shutdown_timeout: float = Field(default=30.0, ge=0)
+    poll_interval: float = Field(
+        default=1.0, gt=0, le=HOUR, description="fallback poll (s) without NOTIFY"
+    )
+    lease_seconds: float = Field(default=30.0, gt=0, le=DAY)
+    heartbeat_seconds: float = Field(default=10.0, gt=0, le=DAY)
+    shutdown_timeout: float = Field(default=30.0, ge=0, le=DAY)
     flush_interval: float = Field(
         default=0.0,
         ge=0,
@@ -178,14 +247,18 @@ class QueueSettings(_Section):
         description="extra delay (s) to batch outcome writes; 0 writes at once and batches "
         "what arrives while a write is in flight (group commit)",
     )
-    flush_max: int = Field(default=500, ge=1, description="completions written per statement")
+    flush_max: int = Field(
+        default=500, ge=1, le=100_000, description="completions written per statement"
+    )
     prefetch: int = Field(
         default=0,
         ge=0,
+        le=100_000,
         description="extra jobs claimed ahead of free slots (held under lease, released on stop)",
     )
-    max_payload_bytes: int = Field(default=1 << 20, ge=1024)
-    enqueue_batch_size: int = Field(default=10_000, ge=1)
+    # jsonb values are limited to 255 MB by PostgreSQL itself.
+    max_payload_bytes: int = Field(default=1 << 20, ge=1024, le=1 << 28)
+    enqueue_batch_size: int = Field(default=10_000, ge=1, le=MAX_COUNT)
     max_state_bytes: int = Field(
         default=1 << 20,
         ge=1024,
@@ -308,10 +381,10 @@ def _check_queue_name(name: object) -> None:
 
 class RetrySettings(_Section):
     max_attempts: int = Field(default=5, ge=1, le=10_000)
-    base_delay: float = Field(default=1.0, gt=0)
-    max_delay: float = Field(default=300.0, gt=0)
+    base_delay: float = Field(default=1.0, gt=0, le=30 * DAY)
+    max_delay: float = Field(default=300.0, gt=0, le=30 * DAY)
     max_deferrals: int = Field(
-        default=100, ge=0, description="bound on rate-limit / open-circuit deferrals"
+        default=100, ge=0, le=MAX_COUNT, description="bound on rate-limit / open-circuit deferrals"
     )
 
     @model_validator(mode="after")
@@ -322,22 +395,23 @@ class RetrySettings(_Section):
 
 
 class BreakerOverride(_Section):
-    fail_max: int | None = Field(default=None, ge=1)
-    reset_timeout: float | None = Field(default=None, gt=0)
-    half_open_max_calls: int | None = Field(default=None, ge=1)
+    fail_max: int | None = Field(default=None, ge=1, le=MAX_COUNT)
+    reset_timeout: float | None = Field(default=None, gt=0, le=DAY)
+    half_open_max_calls: int | None = Field(default=None, ge=1, le=10_000)
     fleet_wide: bool | None = None
 
 
 class CircuitBreakerSettings(_Section):
-    fail_max: int = Field(default=5, ge=1)
-    reset_timeout: float = Field(default=60.0, gt=0)
-    half_open_max_calls: int = Field(default=1, ge=1)
+    fail_max: int = Field(default=5, ge=1, le=MAX_COUNT)
+    reset_timeout: float = Field(default=60.0, gt=0, le=DAY)
+    half_open_max_calls: int = Field(default=1, ge=1, le=10_000)
     fleet_wide: bool = Field(
         default=True, description="share breaker state through PostgreSQL across workers"
     )
     sync_interval: float = Field(
         default=0.25,
         ge=0,
+        le=MINUTE,
         description="max age (s) of the cached fleet breaker state before admitting a call; "
         "trips are also pushed at once with NOTIFY",
     )
@@ -345,8 +419,8 @@ class CircuitBreakerSettings(_Section):
 
 
 class RateLimitSettings(_Section):
-    rate: float = Field(gt=0, description="tokens per second")
-    burst: int = Field(default=1, ge=1)
+    rate: float = Field(gt=0, le=MAX_COUNT, description="tokens per second")
+    burst: int = Field(default=1, ge=1, le=MAX_COUNT)
     fleet_wide: bool = Field(
         default=False,
         description="false: per process; true: all workers of the schema together",
@@ -372,7 +446,7 @@ class StorageSettings(_Section):
     region: str | None = None
     access_key_id: SecretStr | None = None
     secret_access_key: SecretStr | None = None
-    max_pool_connections: int = Field(default=20, ge=1)
+    max_pool_connections: int = Field(default=20, ge=1, le=10_000)
 
     @model_validator(mode="after")
     def _check_backend(self) -> StorageSettings:
@@ -390,26 +464,54 @@ class EmbeddingSettings(_Section):
     api_key: SecretStr | None = None
     model: str = "text-embedding-3-small"
     batch_size: int = Field(default=64, ge=1, le=4096)
-    timeout: float = Field(default=30.0, gt=0)
-    requests_per_second: float | None = Field(default=None, gt=0)
+    timeout: float = Field(default=30.0, gt=0, le=HOUR)
+    requests_per_second: float | None = Field(default=None, gt=0, le=MAX_COUNT)
+    fallback_endpoints: list[str] = Field(
+        default_factory=list,
+        max_length=8,
+        description="other endpoints serving the same model, tried in order while the "
+        "breakers of those before them are open",
+    )
 
     @model_validator(mode="after")
     def _check_provider(self) -> EmbeddingSettings:
         if self.provider == "http" and not self.endpoint:
             raise ValueError("endpoint is required when provider is 'http'")
-        if self.endpoint and not self.endpoint.startswith(("http://", "https://")):
-            raise ValueError("endpoint must be an http:// or https:// URL")
+        for url in (self.endpoint, *self.fallback_endpoints):
+            if url and not url.startswith(("http://", "https://")):
+                raise ValueError("endpoint and fallback_endpoints must be http(s):// URLs")
+        if len({self.endpoint, *self.fallback_endpoints}) != 1 + len(self.fallback_endpoints):
+            raise ValueError("fallback_endpoints must differ from endpoint and from each other")
         return self
 
 
 class IngestSettings(_Section):
     """The reference DocumentWorker's chunking and batching."""
 
-    chunk_size: int = Field(default=1000, ge=1, description="characters per chunk")
-    chunk_overlap: int = Field(default=100, ge=0, description="characters shared by neighbours")
-    batch_size: int = Field(default=500, ge=1, description="chunks written per statement")
+    chunk_size: int = Field(default=1000, ge=1, le=10_000_000, description="characters per chunk")
+    chunk_overlap: int = Field(
+        default=100, ge=0, le=10_000_000, description="characters shared by neighbours"
+    )
+    batch_size: int = Field(
+        default=500, ge=1, le=100_000, description="chunks written per statement"
+    )
     checkpoint_every: float = Field(
-        default=1.0, ge=0, description="seconds between cursor checkpoints of the chunk stage"
+        default=1.0,
+        ge=0,
+        le=HOUR,
+        description="seconds between cursor checkpoints of the chunk stage",
+    )
+    on_embedding_outage: Literal["defer", "finalize_pending"] = Field(
+        default="defer",
+        description="while the embedding service's breakers are open: defer documents, or "
+        "finalize them searchable by text and backfill their embeddings later",
+    )
+    backfill_interval: float = Field(
+        default=60.0,
+        gt=0,
+        le=86_400,
+        description="seconds between sweeps for documents awaiting embeddings (also swept "
+        "when an embeddings breaker closes)",
     )
 
     @model_validator(mode="after")
@@ -430,31 +532,59 @@ class LoggingSettings(_Section):
 
 
 class HealthSettings(_Section):
-    http_port: int | None = Field(default=None, ge=0, le=65535)
-    http_host: str = "0.0.0.0"
-    database_timeout: float = Field(default=2.0, gt=0)
+    """The HTTP endpoints beside a worker (``/healthz``, ``/readyz``, ``/metrics``)."""
+
+    http_port: int | None = Field(
+        default=None, ge=0, le=65535, description="a port turns the server on; 0 picks a free one"
+    )
+    # Loopback by default: the endpoints are unauthenticated and show host, pid,
+    # schema and table statistics. In a container, set 0.0.0.0 (docs/operations.md).
+    http_host: str = Field(
+        default="127.0.0.1",
+        min_length=1,
+        max_length=253,
+        description="interface to bind: loopback unless set (0.0.0.0 in a Kubernetes pod)",
+    )
+    database_timeout: float = Field(default=2.0, gt=0, le=MINUTE)
+
+    @field_validator("http_host")
+    @classmethod
+    def _check_host(cls, value: str) -> str:
+        if value != value.strip() or any(c.isspace() or c in "/@?#" for c in value):
+            raise ValueError("must be a host name or an IP address (no spaces, scheme or path)")
+        return _no_control_chars(value)
 
 
 class MaintenanceSettings(_Section):
     """Retention: finished jobs are pruned in batches by whichever worker holds the lock."""
 
     retention_seconds: float | None = Field(
-        default=7 * 24 * 3600.0, gt=0, description="age after which succeeded/cancelled jobs go"
+        default=7 * 24 * 3600.0,
+        gt=0,
+        le=100 * YEAR,
+        description="age after which succeeded/cancelled jobs go",
     )
     dead_retention_seconds: float | None = Field(
-        default=None, gt=0, description="age after which dead jobs go; None keeps them"
+        default=None,
+        gt=0,
+        le=100 * YEAR,
+        description="age after which dead jobs go; None keeps them",
     )
-    interval: float = Field(default=60.0, gt=0)
-    batch_size: int = Field(default=5000, ge=1)
+    interval: float = Field(default=60.0, gt=0, le=DAY)
+    batch_size: int = Field(default=5000, ge=1, le=MAX_COUNT)
     vacuum_dead_rows: int | None = Field(
         default=100_000,
         ge=1000,
+        le=10**12,
         description="dead rows on the jobs table above which one worker runs VACUUM on it "
         "(autovacuum wakes at most once per autovacuum_naptime, 1 min by default, too "
         "seldom for a busy queue); None leaves the table to autovacuum",
     )
     vacuum_check_interval: float = Field(
-        default=2.0, gt=0, description="how often a worker reads the jobs table's dead rows"
+        default=2.0,
+        gt=0,
+        le=HOUR,
+        description="how often a worker reads the jobs table's dead rows",
     )
 
 
@@ -575,6 +705,7 @@ class WorkerConfig(BaseSettings):
         frozen=True,
         hide_input_in_errors=True,
         validate_default=True,
+        allow_inf_nan=False,
     )
 
     environment: Literal["development", "test", "staging", "production"] = "development"
@@ -619,6 +750,11 @@ class WorkerConfig(BaseSettings):
         url = "" if hook is None else hook.get_secret_value()
         if url.startswith("http://") and not _is_loopback(url):
             problems.append("alerts.webhook_url must use https://")
+        if self.embedding.api_key is not None and any(
+            url.startswith("http://") and not _is_loopback(url)
+            for url in self.embedding.fallback_endpoints
+        ):
+            problems.append("embedding.fallback_endpoints must use https:// with an api_key")
         if problems:
             raise ValueError(
                 "environment=production refuses insecure settings: " + "; ".join(problems)

@@ -29,7 +29,9 @@ Every field can be given as a keyword argument (`WorkerConfig(queue={"concurrenc
 or through the environment: prefix `WORKER_CORE_`, sections joined with `__`
 (`WORKER_CORE_QUEUE__CONCURRENCY=20`). Keyword arguments win over the environment.
 Invalid values raise `pydantic.ValidationError` naming the field; values are never
-echoed in the error, so a mistyped DSN cannot leak its password.
+echoed in the error, so a mistyped DSN cannot leak its password. Every float is
+finite (`inf` and `NaN` are refused, from code and from the environment) and every
+duration and size has an upper bound (the `<=` in its rule).
 """
 
 
@@ -103,6 +105,8 @@ def render() -> str:
             )
     lines.append(
         "\n## Rules across fields\n\n"
+        "- `database.schema` is a full match of `[a-z_][a-z0-9_]*` (at most 63 characters) "
+        "and does not start with `pg_`\n"
         "- `database.pool_min_size <= database.pool_max_size`\n"
         "- `queue.heartbeat_seconds < queue.lease_seconds`\n"
         "- `retry.base_delay <= retry.max_delay`\n"

@@ -3,8 +3,10 @@
 Without a DSN it starts an embedded PostgreSQL (the ``embedded`` extra) in a data
 directory kept between runs, writes a few sample documents to local storage,
 enqueues them, runs ``DocumentWorker`` with the hashing embedder behind a
-progress bar, and prints the metrics and chunk counts. Run twice, the second run
-writes no new chunk and says so.
+progress bar, and prints the metrics and what happened to each document. Every
+later run first revises one document (``doc-000.txt`` gains a paragraph): that
+one is re-ingested, its old chunks replaced in one transaction, and the others
+are found unchanged without being read.
 """
 
 from __future__ import annotations
@@ -47,8 +49,12 @@ def sample_documents(n: int) -> dict[str, str]:
 
 class _DemoWorker(DocumentWorker):
     progress: Any = None
+    written = 0
+    replaced = 0
 
     async def on_job_done(self, job: Job) -> None:
+        self.written += job.state.get("chunks", {}).get("written", 0)
+        self.replaced += job.state.get("replaced", 0)
         self.progress.update(1)
 
     async def on_dead_letter(self, job: Job, exc: BaseException) -> None:
@@ -58,7 +64,7 @@ class _DemoWorker(DocumentWorker):
 async def _chunk_count(queue: Queue) -> int:
     async with queue.connection() as conn:
         cur = await conn.execute(
-            sql.SQL("SELECT count(*) FROM {}.chunks").format(sql.Identifier(queue.schema))
+            sql.SQL("SELECT count(*) FROM {}.current_chunks").format(sql.Identifier(queue.schema))
         )
         row = await cur.fetchone()
     return int(row[0]) if row else 0
@@ -99,13 +105,18 @@ async def _ingest(args: argparse.Namespace, dsn: str, out: IO[str]) -> int:
     )
     storage = LocalStorage(storage_dir)
     documents = sample_documents(max(1, args.documents))
+    existing = 0
     for key, text in documents.items():
-        if not await storage.exists(key):
+        if await storage.exists(key):
+            existing += 1
+        else:
             await storage.put(key, text.encode())
     out.write(f"{len(documents)} documents in {storage_dir}\n")
+    if existing == len(documents):  # a later run: revise one document
+        revised = await _revise(storage, "doc-000.txt")
+        out.write(f"revised doc-000.txt (revision {revised}) since the last run\n")
     async with Queue(config) as queue:
         await queue.migrate()
-        before = await _chunk_count(queue)
         await queue.enqueue_many(
             [{"document_id": key.removesuffix(".txt"), "key": key} for key in documents],
             dedupe_keys=[key for key in documents],
@@ -129,9 +140,22 @@ async def _ingest(args: argparse.Namespace, dsn: str, out: IO[str]) -> int:
     for job in dead[:1]:
         reason = job.last_error["message"] if job.last_error else "?"
         out.write(f"dead letter #{job.id} ({job.payload.get('key')}): {reason}\n")
-    new = after - before
-    if new:
-        out.write(f"chunks: {after} in the table, {new} new\n")
-    else:
-        out.write(f"chunks: {after} in the table, 0 new: every document was already ingested\n")
+    done = worker.outcomes
+    out.write(
+        f"documents: {done['ingested']} new, {done['replaced']} re-ingested "
+        f"({worker.replaced} chunks replaced), {done['unchanged']} unchanged\n"
+    )
+    out.write(f"chunks: {after} current, {worker.written} written by this run\n")
     return 0
+
+
+async def _revise(storage: LocalStorage, key: str) -> int:
+    """Append a paragraph to ``key``; returns the revision number it carries."""
+    chunks = []
+    async for piece in storage.open_stream(key):
+        chunks.append(piece)
+    text = b"".join(chunks).decode()
+    revision = text.count("\nRevision ") + 1
+    text += f"\nRevision {revision}: " + " ".join(_WORDS[revision % 7 :: 3]) + ".\n"
+    await storage.put(key, text.encode())
+    return revision

@@ -26,8 +26,7 @@ from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, cast
 
-from .logs import _Redactor
-from .redact import redact_text
+from .redact import Redactor, redact_text
 
 if TYPE_CHECKING:
     from psycopg import AsyncConnection
@@ -187,12 +186,16 @@ async def _connect(config: WorkerConfig, timeout: float) -> AsyncIterator[Queue]
 
     from .queue import Queue
 
+    dsn = config.dsn()
     conn = await AsyncConnection.connect(
-        config.dsn(),
+        dsn,
         autocommit=True,
         prepare_threshold=config.database.prepare_threshold,
-        connect_timeout=max(1, math.ceil(timeout)),
         application_name=f"{config.database.application_name}.health"[:63],
+        **{
+            **config.database.connection_params(dsn),
+            "connect_timeout": max(1, math.ceil(timeout)),
+        },
     )
     try:
         pool = cast("AsyncConnectionPool", _OneConnection(conn))
@@ -336,6 +339,7 @@ def check_loop(
         "seconds_since_claim": ago(snapshot.last_claim_at),
         "uptime_seconds": ago(started),
         "listener_connected": snapshot.listener_connected,
+        "polling_only": snapshot.polling_only,
     }
     status = HealthStatus.HEALTHY
     problem: str | None = None
@@ -351,6 +355,7 @@ def check_loop(
         problem = f"the claim loop has been stuck for {now - last_loop:.0f}s"
     elif (
         not snapshot.listener_connected
+        and not snapshot.polling_only
         and started is not None
         and now - started > thresholds.listener_grace_seconds
     ):
@@ -410,7 +415,7 @@ async def run_check(
 
 
 def _clean(detail: Any, secrets: Iterable[str]) -> Any:
-    return _Redactor(secrets=secrets).value(detail)
+    return Redactor(secrets=secrets).value(detail)
 
 
 _BUILTIN = ("database", "worker")
@@ -460,7 +465,7 @@ def _report(
     checked_at: datetime,
     worker_id: str | None,
 ) -> HealthReport:
-    redactor = _Redactor(secrets=secrets)
+    redactor = Redactor(secrets=secrets)
     clean = {name: replace(c, detail=redactor.value(c.detail)) for name, c in components.items()}
     return HealthReport(
         aggregate(c.status for c in clean.values()),

@@ -26,7 +26,7 @@ import json as jsonlib
 import math
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -190,10 +190,13 @@ class ServiceClient:
         headers: Mapping[str, str] | None = None,
         correlation_id: str | None = None,
         timeout: float | None = None,
+        validate: Callable[[ServiceResponse], None] | None = None,
     ) -> ServiceResponse:
         """Send one request and return the response, or raise the mapped error.
 
         ``correlation_id`` defaults to the running job's (bound by the worker).
+        ``validate`` checks a successful response inside the breaker call: what it
+        raises counts as the service's failure (a wrong answer, not a bad request).
 
         Raises:
             RetryableError: 429, or 503 with ``Retry-After``; or a rate-limit wait
@@ -210,7 +213,7 @@ class ServiceClient:
         correlation = correlation_id or current_context().get("correlation_id")
         if correlation:
             sent[CORRELATION_HEADER] = str(correlation)
-        args = (method.upper(), path, json, data, params, sent, timeout or self.timeout)
+        args = (method.upper(), path, json, data, params, sent, timeout or self.timeout, validate)
         if self.breaker is not None:
             return await self.breaker.call(self._send, *args)
         return await self._send(*args)
@@ -224,6 +227,7 @@ class ServiceClient:
         params: Mapping[str, str] | None,
         headers: dict[str, str],
         timeout: float,
+        validate: Callable[[ServiceResponse], None] | None = None,
     ) -> ServiceResponse:
         url = self._url(path)
         where = f"{self.name}: {method} {self._shown(path)}"
@@ -255,7 +259,10 @@ class ServiceClient:
             seconds=round(seconds, 6),
         )
         if status < 400:
-            return ServiceResponse(status, CIMultiDict(resp_headers), body)
+            response = ServiceResponse(status, CIMultiDict(resp_headers), body)
+            if validate is not None:
+                validate(response)
+            return response
         detail["status"] = status
         message = f"{where} -> HTTP {status}"
         snippet = self._scrub(body[:_MAX_SNIPPET].decode("utf-8", errors="replace")).strip()

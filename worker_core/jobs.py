@@ -286,7 +286,7 @@ def dump_json(value: Any, what: str = "payload", *, max_bytes: int | None = None
     except (TypeError, ValueError, RecursionError) as exc:
         check_json(value, what)  # raises with the path of the offending value
         raise PayloadError(f"{what} is not JSON-serialisable: {exc}") from exc
-    if "\\u0000" in text or _unstorable(text):
+    if "\\u0000" in text or _unstorable(text) or _maybe_too_deep(text, _MAX_DEPTH + 1):
         check_json(value, what)
     if max_bytes is not None and len(text) > max_bytes // 4 and len(text.encode()) > max_bytes:
         raise PayloadError(
@@ -325,7 +325,7 @@ def dump_json_objects(
     except (TypeError, ValueError, RecursionError):
         _name_the_bad_item(items, label, max_bytes, offset)
         raise
-    if "\\u0000" in text or _unstorable(text):
+    if "\\u0000" in text or _unstorable(text) or _maybe_too_deep(text, _MAX_DEPTH + 2):
         _name_the_bad_item(items, label, max_bytes, offset)
     if max_bytes is not None and len(text) > max_bytes // 4 and len(text.encode()) > max_bytes:
         # Some item may be over the limit: check in slices, one by one only where needed.
@@ -345,6 +345,28 @@ def _name_the_bad_item(
 
 
 _MAX_DEPTH = 200
+#: Every byte but the four brackets, for ``bytes.translate(None, delete=...)``.
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def _maybe_too_deep(text: str, limit: int) -> bool:
+    """False when the JSON ``text`` surely nests at most ``limit`` levels; True when
+    it may nest deeper (then ``check_json`` decides, on the value).
+
+    json.dumps raises RecursionError on deep values up to Python 3.12 only; from 3.13
+    on it serialises them. This runs in C: the brackets are kept (those inside
+    strings too: they can only make the answer True), then each pass strips the
+    innermost ``{}`` and ``[]`` pairs, at most two levels per pass, so a document
+    that empties within ``limit // 2`` passes is at most ``limit`` deep.
+    """
+    if text.count("{") + text.count("[") <= limit:
+        return False
+    skeleton = text.encode("utf-8", "surrogatepass").translate(None, _NOT_BRACKETS)
+    for _ in range(limit // 2):
+        skeleton = skeleton.replace(b"{}", b"").replace(b"[]", b"")
+        if not skeleton:
+            return False
+    return True
 
 
 def check_json(value: Any, what: str = "payload") -> None:

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import datetime as _dt
-import enum
 import json
 import logging
 import sys
@@ -33,7 +31,7 @@ from typing import Any, Literal, Protocol
 
 from structlog.contextvars import get_contextvars
 
-from .redact import MASK, is_sensitive_key, redact_text
+from .redact import Redactor, redact_text
 
 __all__ = ["StructuredLogger", "configure_logging", "job_context", "unconfigure_logging"]
 
@@ -50,11 +48,6 @@ _RECORD_ATTRS = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__
     "asctime",
     "taskName",
 }
-# Per-redactor caches: log lines repeat the same keys and short values (event names,
-# ids, queue names) endlessly, and the regexes are the bulk of the cost of a line.
-_CACHE_MAX = 4096
-_CACHED_TEXT_MAX = 256
-_MAX_DEPTH = 16
 
 
 class TextStream(Protocol):
@@ -65,79 +58,8 @@ class TextStream(Protocol):
     def flush(self) -> object: ...
 
 
-class _Redactor:
-    """Masks sensitive keys (recursively) and secret text; returns JSON-native values."""
-
-    __slots__ = ("_extra", "_keys", "_texts", "secrets")
-
-    def __init__(self, keys: Iterable[str] = (), secrets: Iterable[str] = ()) -> None:
-        self._extra = tuple(k.lower() for k in keys if k)
-        self.secrets = tuple(s for s in secrets if s)
-        self._keys: dict[str, bool] = {}
-        self._texts: dict[str, str] = {}
-
-    def sensitive(self, key: str) -> bool:
-        hit = self._keys.get(key)
-        if hit is None:
-            hit = is_sensitive_key(key, self._extra)
-            if len(self._keys) >= _CACHE_MAX:
-                self._keys.clear()
-            self._keys[key] = hit
-        return hit
-
-    def text(self, text: str) -> str:
-        if len(text) > _CACHED_TEXT_MAX:
-            return redact_text(text, self.secrets)
-        done = self._texts.get(text)
-        if done is None:
-            done = redact_text(text, self.secrets)
-            if len(self._texts) >= _CACHE_MAX:
-                self._texts.clear()
-            self._texts[text] = done
-        return done
-
-    def field(self, key: str, value: Any, depth: int = 0) -> Any:
-        """``value`` cleaned, or the mask when ``key`` names a secret."""
-        kind = type(value)
-        if value is None or kind is int or kind is float or kind is bool:
-            return value  # token_count is no secret
-        if self.sensitive(key) and value != "" and not isinstance(value, int | float):
-            return MASK
-        return self.value(value, depth)
-
-    def value(self, value: Any, depth: int = 0) -> Any:
-        kind = type(value)
-        if kind is str:
-            return self.text(value)
-        if value is None or kind is int or kind is float or kind is bool:
-            return value
-        if depth >= _MAX_DEPTH:
-            return "..."
-        if isinstance(value, Mapping):
-            return {str(k): self.field(str(k), v, depth + 1) for k, v in value.items()}
-        if isinstance(value, list | tuple | set | frozenset):
-            return [self.value(v, depth + 1) for v in value]
-        if isinstance(value, enum.Enum):
-            return self.value(value.value, depth + 1)
-        if isinstance(value, str):
-            return self.text(str.__str__(value))
-        if isinstance(value, bool | int | float):
-            return value
-        if isinstance(value, _dt.datetime | _dt.date | _dt.time):
-            return value.isoformat()
-        if isinstance(value, BaseException):
-            return self.text(f"{type(value).__name__}: {value}")
-        # Anything else becomes text here, not in the JSON encoder, so its str() is
-        # scrubbed too (an object whose str() quotes a DSN).
-        try:
-            text = str(value)
-        except Exception:
-            text = object.__repr__(value)
-        return self.text(text)
-
-
 #: The redactor of the active configuration (also used when a record is created).
-_active = _Redactor()
+_active = Redactor()
 
 
 class _Event(dict[str, Any]):
@@ -278,7 +200,7 @@ def current_context() -> dict[str, Any]:
 class _Formatter(logging.Formatter):
     """Renders any record as one ordered, masked event dict: JSON or console text."""
 
-    def __init__(self, fmt: Literal["json", "console"], redactor: _Redactor) -> None:
+    def __init__(self, fmt: Literal["json", "console"], redactor: Redactor) -> None:
         super().__init__()
         self._redactor = redactor
         self._second: tuple[int, str] = (-1, "")
@@ -384,7 +306,7 @@ def configure_logging(
     global _active
     if fmt not in ("json", "console"):
         raise ValueError(f"fmt must be 'json' or 'console', not {fmt!r}")
-    redactor = _Redactor(redact_keys, secrets)
+    redactor = Redactor(redact_keys, secrets)
     handler: logging.StreamHandler[Any] = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(_Formatter(fmt, redactor))
     setattr(handler, _HANDLER_MARK, True)
@@ -404,7 +326,7 @@ def unconfigure_logging() -> None:
         if getattr(existing, _HANDLER_MARK, False):
             root.removeHandler(existing)
             existing.close()
-    _active = _Redactor()
+    _active = Redactor()
 
 
 def is_configured() -> bool:

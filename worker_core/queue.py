@@ -11,7 +11,6 @@ are fenced by it (see ``worker_core.outcomes``).
 from __future__ import annotations
 
 import asyncio
-import functools
 import hashlib
 import json
 import math
@@ -19,30 +18,21 @@ from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from psycopg import AsyncConnection, sql
 from psycopg.rows import dict_row
-from psycopg.types.json import set_json_loads
 
+from . import _inputs, _tracing
+from ._connect import behind_pooler, open_pool
+from ._queue_console import ConsoleMethods
+from ._statements import Plan, Statement, Statements, drive_step, own_transaction
 from ._waiter import Waiter
-from .config import WorkerConfig
-from .jobs import (
-    DEFERRED,
-    REFUNDED,
-    RUN_EVENTS,
-    TRANSITIONS,
-    Job,
-    JobStatus,
-    check_label,
-    dump_json,
-    dump_json_objects,
-    effective_event,
-)
+from .config import DAY, WorkerConfig
+from .jobs import Job, JobStatus, Transition, check_label
 from .logs import StructuredLogger
 from .outcomes import MAX_ERROR_RECORDS, Outcome
-from .redact import mask_dsn
-from .sql import load_queries, migrations, render
+from .sql import migrations, render
 
 if TYPE_CHECKING:
     from psycopg_pool import AsyncConnectionPool
@@ -50,6 +40,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Outcome",
     "Queue",
+    "behind_pooler",
     "breaker_channel_name",
     "channel_name",
     "control_channel_name",
@@ -58,13 +49,10 @@ __all__ = [
     "outcomes_json",
 ]
 
+T = TypeVar("T")
+
 #: The statuses ``wait`` returns at.
 _ENDED = frozenset({JobStatus.SUCCEEDED, JobStatus.DEAD, JobStatus.CANCELLED})
-
-_ON_CONFLICT = sql.SQL(
-    "ON CONFLICT (queue, dedupe_key) "
-    "WHERE dedupe_key IS NOT NULL AND status IN ('queued', 'running') DO NOTHING"
-)
 
 
 def channel_name(schema: str) -> str:
@@ -100,59 +88,7 @@ def done_channel_name(schema: str) -> str:
     return name
 
 
-async def open_pool(
-    config: WorkerConfig, *, min_size: int | None = None, max_size: int | None = None
-) -> AsyncConnectionPool:
-    """Open an autocommit connection pool for ``config``, or fail with one clear line."""
-    from psycopg_pool import AsyncConnectionPool, PoolTimeout
-
-    db = config.database
-    pool = AsyncConnectionPool(
-        config.dsn(),
-        min_size=min_size or db.pool_min_size,
-        max_size=max(max_size or db.pool_max_size, min_size or db.pool_min_size),
-        open=False,
-        kwargs={
-            "autocommit": True,
-            "prepare_threshold": db.prepare_threshold,
-            "application_name": db.application_name,
-            "connect_timeout": max(1, int(db.connect_timeout)),
-        },
-        name=f"worker_core.{db.schema}",
-        configure=_configure_connection,
-        timeout=db.connect_timeout,
-        reconnect_timeout=max(60.0, db.connect_timeout),
-    )
-    try:
-        await pool.open(wait=True, timeout=db.connect_timeout)
-    except PoolTimeout:
-        await pool.close()
-        raise ConnectionError(
-            f"cannot connect to PostgreSQL at {mask_dsn(config.dsn())} "
-            f"within {db.connect_timeout:g}s"
-        ) from None
-    return pool
-
-
-async def _configure_connection(conn: AsyncConnection[Any]) -> None:
-    # jsonb columns (payload, state, errors) are parsed on every claim: orjson, when
-    # installed (the `fast` extra), parses them several times faster than json.
-    if _ORJSON_LOADS is not None:
-        set_json_loads(_ORJSON_LOADS, conn)
-
-
-def _orjson_loads() -> Any:
-    try:
-        import orjson
-    except ImportError:
-        return None
-    return orjson.loads
-
-
-_ORJSON_LOADS = _orjson_loads()
-
-
-class Queue:
+class Queue(ConsoleMethods):
     """Enqueue, inspect and operate jobs in one schema.
 
     Use it as an async context manager; it opens a connection pool unless one is
@@ -169,15 +105,8 @@ class Queue:
         self._waiter: Waiter | None = None
         self._pool = pool
         self._owns_pool = pool is None
-        queries = load_queries()
-        parts = {"on_conflict": sql.SQL(""), "transitions": _transitions()}
-        self._sql: dict[str, bytes] = {
-            name: render(text, self.schema, **parts).as_bytes(None)
-            for name, text in queries.items()
-        }
-        self._sql["enqueue_dedupe"] = render(
-            queries["enqueue"], self.schema, on_conflict=_ON_CONFLICT
-        ).as_bytes(None)
+        self._statements = Statements(config)
+        self._sql = self._statements.sql
 
     def __repr__(self) -> str:
         return f"Queue(schema={self.schema!r}, queue={self.config.queue.name!r})"
@@ -286,6 +215,10 @@ class Queue:
 
     async def schema_version(self) -> int:
         """The highest migration applied (0 when the schema is not installed)."""
+        return max(await self.applied_versions(), default=0)
+
+    async def applied_versions(self) -> set[int]:
+        """The migrations applied to this schema (empty when it is not installed)."""
         async with self.connection() as conn:
             cur = await conn.execute(
                 "SELECT to_regclass(%s) IS NOT NULL",
@@ -293,10 +226,9 @@ class Queue:
             )
             row = await cur.fetchone()
             if not row or not row[0]:
-                return 0
+                return set()
             cur = await conn.execute(self._sql["applied_migrations"])
-            versions = [r[0] for r in await cur.fetchall()]
-        return max(versions, default=0)
+            return {int(r[0]) for r in await cur.fetchall()}
 
     async def _embedding_type(
         self, conn: AsyncConnection[Any], vector: bool | None
@@ -386,173 +318,69 @@ class Queue:
         self,
         payloads: Sequence[Mapping[str, Any]],
         *,
-        queue: str | None,
-        priority: int,
-        run_at: datetime | timedelta | float | None,
-        max_attempts: int | None,
-        dedupe_keys: Sequence[str | None] | None,
-        correlation_ids: Sequence[str | None] | None,
         connection: AsyncConnection[Any] | None,
-        label: str,
-        kind: str = "default",
+        **kwargs: Any,
     ) -> list[int]:
-        n = len(payloads)
-        queue_name = self._queue_name(queue)
-        keys = _column(dedupe_keys, n, "dedupe_keys")
-        cids = _column(correlation_ids, n, "correlation_ids")
-        batches = self._payload_batches(payloads, label) if n else []
-        params: dict[str, Any] = {
-            "queue": queue_name,
-            "kind": check_label(kind, "kind"),
-            "priority": _int_param(priority, "priority"),
-            "max_attempts": _int_param(
-                self.config.retry.max_attempts if max_attempts is None else max_attempts,
-                "max_attempts",
-                minimum=1,
-            ),
-            "channel": self.channel,
-            **_run_at_params(run_at),
-        }
-        for key in keys:
-            if key is not None and (not isinstance(key, str) or not key or "\x00" in key):
-                raise ValueError(f"dedupe_key {key!r} must be a non-empty string without NUL")
-        for cid in cids:
-            if cid is not None and (not isinstance(cid, str) or not 0 < len(cid) <= 200):
-                raise ValueError("correlation_id must be a string of 1 to 200 characters")
-        if n == 0:
-            return []
-        async with self.connection(connection) as conn:
-            if len(batches) == 1:
-                items, text = batches[0]
-                return await self._insert(conn, params, items, text, keys, cids)
-            ids: list[int] = []
-            start = 0
-            async with conn.transaction():
-                for items, text in batches:
-                    end = start + len(items)
-                    ids += await self._insert(
-                        conn, params, items, text, keys[start:end], cids[start:end]
-                    )
-                    start = end
+        with _tracing.producer(self._statements, payloads, kwargs) as span:
+            plan = self._statements.enqueue(payloads, state=span.state, **kwargs)
+            ids = await self._run(plan, connection)
+            span.sent(ids)
             return ids
 
-    def _payload_batches(
-        self, payloads: Sequence[Mapping[str, Any]], label: str
-    ) -> list[tuple[list[Any], str]]:
-        """Batches of (payloads, their JSON array), every payload checked before any SQL."""
-        limit = self.config.queue.max_payload_bytes
-        if label == "payload":  # a single job: name it "payload" in errors
-            payload = payloads[0]
-            if not isinstance(payload, Mapping):
-                raise TypeError(
-                    f"payload must be a dict (a JSON object), not {type(payload).__name__}"
-                )
-            return [([dict(payload)], f"[{dump_json(payload, 'payload', max_bytes=limit)}]")]
-        size = self.config.queue.enqueue_batch_size
-        batches = []
-        for start in range(0, len(payloads), size):
-            part = payloads[start : start + size]
-            text = dump_json_objects(part, label, max_bytes=limit, offset=start)
-            batches.append(([p if type(p) is dict else dict(p) for p in part], text))
-        return batches
+    async def _run(self, plan: Plan[T], connection: AsyncConnection[Any] | None = None) -> T:
+        """Drive ``plan`` on ``connection`` (or a pooled one). The arguments were checked
+        when the plan was made; its first statement is built before a connection is
+        taken, so a plan with nothing to do takes none."""
+        statement = drive_step(plan, None)
+        if statement is None:
+            return cast(T, plan.result)
+        async with self.connection(connection) as conn:
+            if plan.atomic and own_transaction(conn):
+                async with conn.transaction():
+                    return await _drive(conn, plan, statement)
+            return await _drive(conn, plan, statement)
 
-    async def _insert(
+    async def jobs_by_dedupe_key(
         self,
-        conn: AsyncConnection[Any],
-        params: dict[str, Any],
-        items: list[Any],
-        text: str,
-        keys: list[str | None],
-        cids: list[str | None],
-    ) -> list[int]:
-        ids: list[int | None] = [None] * len(items)
-        pending = list(range(len(items)))
-        for _ in range(5):
-            everything = len(pending) == len(items)
-            rows_keys = keys if everything else [keys[i] for i in pending]
-            rows_cids = cids if everything else [cids[i] for i in pending]
-            dedupe = any(k is not None for k in rows_keys)
-            cur = await conn.execute(
-                self._sql["enqueue_dedupe" if dedupe else "enqueue"],
-                {
-                    **params,
-                    # Checked and serialised up front; a retry of some rows re-serialises them.
-                    "payloads": text
-                    if everything
-                    else json.dumps([items[i] for i in pending], ensure_ascii=False),
-                    # NULL instead of a list of NULLs: nothing to adapt item by item.
-                    "dedupe_keys": rows_keys if dedupe else None,
-                    "correlation_ids": rows_cids if any(c is not None for c in rows_cids) else None,
-                },
-            )
-            rows = await cur.fetchall()
-            # Identity values follow the statement's ORDER BY, so the key-less rows'
-            # ids, ascending, belong to the key-less inputs in order.
-            keyless = iter([r[0] for r in rows if r[1] is None])
-            by_key = {r[1]: r[0] for r in rows if r[1] is not None}
-            missing: list[int] = []
-            for i in pending:
-                if keys[i] is None:
-                    ids[i] = next(keyless)
-                elif keys[i] in by_key:
-                    ids[i] = by_key[keys[i]]
-                else:
-                    missing.append(i)
-            if not missing:
-                break
-            wanted = sorted({k for i in missing if (k := keys[i]) is not None})
-            cur = await conn.execute(
-                self._sql["active_by_dedupe_key"], {"queue": params["queue"], "keys": wanted}
-            )
-            held = {r[1]: r[0] for r in await cur.fetchall()}
-            pending = []
-            for i in missing:
-                if keys[i] in held:
-                    ids[i] = held[keys[i]]
-                else:  # the holder finished between the two statements: insert again
-                    pending.append(i)
-            if not pending:
-                break
-        if any(i is None for i in ids):
-            raise RuntimeError("could not resolve dedupe keys under heavy contention; retry")
-        return [i for i in ids if i is not None]
+        keys: Sequence[str],
+        *,
+        queue: str | None = None,
+        connection: AsyncConnection[Any] | None = None,
+    ) -> dict[str, int]:
+        """``{dedupe_key: id}`` of the newest job of ``queue`` holding each key, in any
+        status (finished jobs too, until retention removes them)."""
+        wanted = sorted(
+            {
+                _inputs.text_param(k, "dedupe_key", max_bytes=_inputs.MAX_DEDUPE_KEY_BYTES)
+                for k in keys
+            }
+        )
+        if not wanted:
+            return {}
+        params = {"queue": self._queue_name(queue), "keys": wanted}
+        async with self.connection(connection) as conn:
+            cur = await conn.execute(self._sql["jobs_by_dedupe_key"], params)
+            return {row[0]: row[1] for row in await cur.fetchall()}
 
     # -- inspecting and operating ------------------------------------------------
     async def get(self, job_id: int) -> Job | None:
         """The job with this id, or ``None``."""
-        async with self.connection() as conn:
-            cur = conn.cursor(row_factory=dict_row)
-            await cur.execute(self._sql["get"], {"id": int(job_id)})
-            row = await cur.fetchone()
-        return Job.from_row(row) if row else None
+        return await self._run(self._statements.get(job_id))
 
     async def stats(self, queue: str | None = None) -> dict[str, int]:
         """A count for every ``JobStatus`` value (zeros included), for one queue or all."""
-        counts = {status.value: 0 for status in JobStatus}
-        async with self.connection() as conn:
-            cur = await conn.execute(self._sql["stats"], {"queue": queue})
-            for status, n in await cur.fetchall():
-                counts[status] = int(n)
-        return counts
+        return await self._run(self._statements.stats(queue))
 
     async def dead_letters(self, queue: str | None = None, limit: int = 100) -> list[Job]:
         """Dead jobs, newest first, with payload, stage, state and error history."""
-        async with self.connection() as conn:
-            cur = conn.cursor(row_factory=dict_row)
-            await cur.execute(self._sql["dead_letters"], {"queue": queue, "limit": int(limit)})
-            return [Job.from_row(row) for row in await cur.fetchall()]
+        return await self._run(self._statements.dead_letters(queue, limit))
 
     async def requeue(self, job_ids: int | Sequence[int]) -> int:
         """Move dead jobs back to ``queued`` with fresh attempts; returns how many moved.
 
         Jobs that are not dead are left alone and not counted.
         """
-        ids = [int(job_ids)] if isinstance(job_ids, int) else [int(i) for i in job_ids]
-        if not ids:
-            return 0
-        async with self.connection() as conn:
-            cur = await conn.execute(self._sql["requeue"], {"ids": ids, "channel": self.channel})
-            return len(await cur.fetchall())
+        return await self._run(self._statements.requeue(job_ids))
 
     async def cancel(self, job_id: int) -> bool:
         """Cancel a queued job, or ask the worker running it to stop it; ``False`` if the
@@ -561,10 +389,7 @@ class Queue:
         A running job ends ``cancelled`` once its worker stopped the run (at the
         stage's next await, within moments), or at rescue if that worker died.
         """
-        params = {"id": int(job_id), "control": self.control_channel, "done": self.done_channel}
-        async with self.connection() as conn:
-            cur = await conn.execute(self._sql["cancel"], params)
-            return await cur.fetchone() is not None
+        return await self._run(self._statements.cancel(job_id))
 
     async def wait(self, job_id: int, timeout: float | None = None) -> Job:
         """Wait until the job is succeeded, dead or cancelled, and return it.
@@ -582,7 +407,7 @@ class Queue:
             raise ValueError(f"timeout must be None or a number of seconds >= 0, not {timeout!r}")
         if timeout is not None and not math.isfinite(timeout):
             timeout = None
-        job_id = int(job_id)
+        job_id = _inputs.job_id(job_id)
         if self._waiter is None:
             self._waiter = Waiter(self.config, self.done_channel)
         waiter = self._waiter
@@ -627,16 +452,16 @@ class Queue:
             kinds: claim only jobs of these kinds (None: any kind).
             rooms: at most this many jobs of a queue (default: ``limit``).
         """
-        limit = int(limit)
+        limit = _inputs.int_param(limit, "limit", minimum=0)
         wanted = sorted(set(self._queue_names(queue)))  # the lock order of running_room
-        room = [limit if rooms is None else min(int(rooms.get(n, 0)), limit) for n in wanted]
+        room = [limit if rooms is None else min(_inputs.int_param(rooms.get(n, 0), "room", minimum=0), limit) for n in wanted]
         params: dict[str, Any] = {
             "queues": wanted,
             "rooms": room,
             "caps": [self.config.queue.cap(n) for n in wanted],
             "limit": limit,
             "owner": owner,
-            "lease": float(lease_seconds),
+            "lease": _lease(lease_seconds),
         }
         name = "claim"
         if kinds is not None:
@@ -669,7 +494,7 @@ class Queue:
                 {
                     "ids": [job_id for job_id, _ in pairs],
                     "tokens": [token for _, token in pairs],
-                    "lease": float(lease_seconds),
+                    "lease": _lease(lease_seconds),
                 },
             )
             return {r[0]: bool(r[1]) for r in await cur.fetchall()}
@@ -716,19 +541,7 @@ class Queue:
 
     async def rescue_expired(self, limit: int = 1000) -> list[tuple[int, str, JobStatus]]:
         """``rescue``, returning ``(job id, queue, new status)`` of each job moved."""
-        async with self.connection() as conn:
-            cur = await conn.execute(
-                self._sql["rescue"],
-                {
-                    "limit": int(limit),
-                    "keep_errors": MAX_ERROR_RECORDS,
-                    "done_channel": self.done_channel,
-                },
-            )
-            rows = [(r[0], r[1], JobStatus(r[2])) for r in await cur.fetchall()]
-            for queue in sorted({q for _, q, s in rows if s is JobStatus.QUEUED}):
-                await conn.execute(self._sql["notify"], {"channel": self.channel, "queue": queue})
-        return rows
+        return await self._run(self._statements.rescue(limit))
 
     async def next_run_at(
         self, queue: str | Sequence[str] | None = None, *, kinds: Sequence[str] | None = None
@@ -759,9 +572,9 @@ class Queue:
                 self._sql["prune"],
                 {
                     "schema": self.schema,
-                    "retention": retention_seconds,
-                    "dead_retention": dead_retention_seconds,
-                    "limit": int(limit),
+                    "retention": _retention(retention_seconds, "retention_seconds"),
+                    "dead_retention": _retention(dead_retention_seconds, "dead_retention_seconds"),
+                    "limit": _inputs.int_param(limit, "limit", minimum=0),
                 },
             )
             return cur.rowcount
@@ -839,231 +652,49 @@ class Queue:
         return names
 
     def _queue_name(self, queue: str | None) -> str:
-        name = self.config.queue.primary if queue is None else queue
-        if not isinstance(name, str) or not name.strip() or len(name) > 200:
-            raise ValueError(f"queue name {name!r} must be a non-blank string of at most 200 chars")
-        if any(ord(c) < 32 for c in name):
-            raise ValueError(f"queue name {name!r} must not contain control characters")
-        return name
-
-    # -- operations console: queue control, history, workers, alerts, dashboard reads --
-    @functools.cached_property
-    def _console(self) -> dict[str, bytes]:
-        return {
-            name: render(text, self.schema, kind=_KIND).as_bytes(None)
-            for name, text in load_queries("console.sql").items()
-        }
-
-    async def _rows(self, name: str, params: Mapping[str, Any]) -> list[dict[str, Any]]:
-        async with self.connection() as conn:
-            cur = conn.cursor(row_factory=dict_row)
-            await cur.execute(self._console[name], params)
-            return await cur.fetchall()
-
-    async def _count(self, name: str, params: Mapping[str, Any]) -> int:
-        async with self.connection() as conn:
-            cur = await conn.execute(self._console[name], params)
-            return cur.rowcount
-
-    async def pause(self, queue: str | None = None, *, by: str | None = None) -> bool:
-        """Stop every worker claiming ``queue``'s jobs (running jobs finish); persistent.
-
-        Returns False when it was paused already. Listeners get a NOTIFY.
-        """
-        params = {"queue": self._queue_name(queue), "by": by, "control": self.control_channel}
-        return bool(await self._rows("pause", params))
-
-    async def resume(self, queue: str | None = None) -> bool:
-        """Let workers claim ``queue`` again and wake them; False when it was not paused."""
-        params = {
-            "queue": self._queue_name(queue),
-            "channel": self.channel,
-            "control": self.control_channel,
-        }
-        return bool(await self._rows("resume", params))
-
-    async def paused(self) -> list[str]:
-        """The paused queues of this schema, sorted."""
-        return [row["queue"] for row in await self._rows("paused", {})]
-
-    async def history(
-        self, minutes: int = 60, queue: str | None = None, *, stages: bool = False
-    ) -> list[dict[str, Any]]:
-        """Per-minute rollups of the last ``minutes`` minutes, oldest first.
-
-        Each row: ``minute``, ``queue``, ``kind``, ``succeeded``, ``failed``,
-        ``retried``, ``deferred``, ``dead_lettered``, ``seconds_sum``, ``buckets``
-        (duration counts per ``worker_core.history.BOUNDS``) and ``stage`` (None on
-        job-level rows; with ``stages=True`` the per-stage rows come too).
-        """
-        minutes = _int_param(minutes, "minutes", minimum=1)
-        if minutes > 366 * 24 * 60:
-            raise ValueError(f"minutes={minutes} is more than a year")
-        name = None if queue is None else self._queue_name(queue)
-        return await self._rows(
-            "history", {"minutes": minutes, "queue": name, "stages": bool(stages)}
-        )
-
-    async def record_history(self, rows: Sequence[Sequence[Any]]) -> None:
-        """Add rollup rows ``(minute epoch, queue, kind, stage, succeeded, failed,
-        retried, deferred, dead_lettered, seconds_sum, buckets)`` in one statement."""
-        if rows:
-            ordered = sorted(rows, key=lambda r: (r[0], r[1], r[2], r[3]))
-            text = json.dumps(ordered, allow_nan=False, separators=(",", ":"))
-            await self._count("record_history", {"rows": text})
-
-    async def prune_history(self, retention_days: float, *, limit: int = 10_000) -> int:
-        """Delete up to ``limit`` history rows older than ``retention_days``."""
-        return await self._count("prune_history", {"days": retention_days, "limit": limit})
-
-    async def register_worker(self, worker: Mapping[str, Any]) -> None:
-        """Upsert a workers-registry row (id, host, pid, version, queues, kinds,
-        concurrency, in_flight, lease); its ``last_seen`` becomes now."""
-        await self._count("register_worker", worker)
-
-    async def leave_worker(self, worker_id: str) -> None:
-        """Remove a worker from the registry (graceful stop)."""
-        await self._count("leave_worker", {"id": worker_id})
-
-    async def prune_workers(self) -> int:
-        """Forget workers gone for more than a day."""
-        return await self._count("prune_workers", {})
-
-    async def workers(self) -> list[dict[str, Any]]:
-        """The workers registry, live ones first; ``alive`` is False once a worker
-        missed its lease (it died or hangs)."""
-        return await self._rows("workers", {})
-
-    async def take_lease(self, name: str, owner: str, ttl: float) -> tuple[bool, float]:
-        """Take or renew lease ``name`` for ``ttl`` seconds; returns (held, database
-        clock as epoch seconds)."""
-        if not math.isfinite(ttl) or ttl <= 0:
-            raise ValueError(f"lease ttl must be a positive number of seconds, got {ttl!r}")
-        rows = await self._rows("take_lease", {"name": name, "owner": owner, "ttl": ttl})
-        return rows[0]["owner"] == owner, float(rows[0]["now"])
-
-    async def release_lease(self, name: str, owner: str) -> None:
-        await self._count("release_lease", {"name": name, "owner": owner})
-
-    async def alert_states(self) -> list[dict[str, Any]]:
-        """Every alert's stored state (alert, subject, status, since, value, threshold,
-        notified)."""
-        return await self._rows("alert_states", {})
-
-    async def save_alert_states(
-        self, owner: str, rows: Sequence[Sequence[Any]], *, lease: str = "alerts"
-    ) -> bool:
-        """Upsert alert states, only while ``owner`` holds ``lease``; False otherwise."""
-        if not rows:
-            return True
-        text = json.dumps(list(rows), allow_nan=False, separators=(",", ":"))
-        params = {"owner": owner, "lease": lease, "rows": text}
-        return bool(await self._rows("save_alert_states", params))
-
-    async def prune_alerts(self) -> int:
-        return await self._count("prune_alerts", {})
-
-    async def alert_values(
-        self, alert: str, *, window: float = 300.0, min_count: int = 1
-    ) -> list[tuple[str, float]]:
-        """``(subject, value)`` of alert rule ``alert`` now (see sql/console.sql)."""
-        if alert not in _ALERT_QUERIES:
-            raise ValueError(f"unknown alert rule {alert!r}")
-        rows = await self._rows(
-            f"alert_{alert}", {"window": float(window), "min_count": int(min_count)}
-        )
-        return [(row["subject"], float(row["value"])) for row in rows]
-
-    async def firing_alerts(self) -> list[tuple[str, str, float]]:
-        """``(alert, subject, 1.0 firing or 0.0)`` for every known alert."""
-        rows = await self._rows("firing_alerts", {})
-        return [(row["alert"], row["subject"], float(row["firing"])) for row in rows]
-
-    async def discard(self, job_ids: int | Sequence[int]) -> int:
-        """Move dead jobs to cancelled (an operator gave up on them); returns how many."""
-        ids = [int(job_ids)] if isinstance(job_ids, int) else [int(i) for i in job_ids]
-        return len(await self._rows("discard", {"ids": ids})) if ids else 0
-
-    async def overview(self) -> list[dict[str, Any]]:
-        """Per queue: a count per status, ready and scheduled, the oldest ready age."""
-        return await self._rows("overview", {})
-
-    async def list_jobs(
-        self,
-        *,
-        queue: str | None = None,
-        kind: str | None = None,
-        status: JobStatus | str | None = None,
-        stage: str | None = None,
-        search: str | None = None,
-        before: int | None = None,
-        limit: int = 50,
-    ) -> list[dict[str, Any]]:
-        """Jobs newest first, ``limit`` at most, with ids below ``before`` (keyset paging).
-
-        ``search``: a job id, a correlation id, a payload key, or ``key=value`` (the
-        key's text value). Payload, state and errors are left out (see ``get``).
-        """
-        for label, text in (("kind", kind), ("stage", stage), ("search", search)):
-            if text is not None and ("\x00" in text or len(text) > 1000):
-                raise ValueError(f"{label} must be at most 1000 characters without NUL")
-        value: str | None = None
-        if search is not None and "=" in search:
-            search, value = (part.strip() for part in search.split("=", 1))
-        search_id = int(search) if search and search.isascii() and search.isdigit() else None
-        params = {
-            "queue": None if queue is None else self._queue_name(queue),
-            "kind": kind,
-            "status": None if status is None else JobStatus(status).value,
-            "stage": stage,
-            "search": search or None,
-            "search_value": value,
-            "search_id": search_id if search_id is not None and search_id < 2**63 else None,
-            "before": before,
-            "limit": _int_param(limit, "limit", minimum=1),
-        }
-        return await self._rows("list_jobs", params)
-
-    async def fleet_breakers(self) -> list[dict[str, Any]]:
-        """The shared circuit breakers: state (closed, open, half_open), failures,
-        opened_at, seconds until a probe (``half_open_in``), seconds open."""
-        return await self._rows("fleet_breakers", {})
-
-
-#: The jobs' kind in console queries (the column of migration 0008).
-_KIND: sql.Composable = sql.Identifier("kind")
-_ALERT_QUERIES = frozenset(
-    {
-        "dead_letters",
-        "oldest_ready_seconds",
-        "breaker_open_seconds",
-        "no_workers_seconds",
-        "failure_ratio",
-    }
-)
+        return self._statements.queue_name(queue)
 
 
 def outcomes_json(outcomes: Sequence[Outcome]) -> str:
     """The ``finish`` batch as one JSON array of objects (the fields of ``Outcome``).
 
     State and error are JSON texts already, so they are spliced in rather than parsed
-    and serialised again. Raises ``ValueError`` for a delay that is not finite.
+    and serialised again; tokens (uuid text), events and the few stage names are
+    quoted without a ``json.dumps`` call per outcome: this runs once per job.
+    Raises ``ValueError`` for a delay that is not finite.
     """
-    dumps = json.dumps
     rows = []
     for o in outcomes:
-        if o.delay is None:
-            delay = "null"
-        elif math.isfinite(o.delay):
-            delay = repr(float(o.delay))
+        delay = o.delay
+        if delay is None:
+            seconds = "null"
+        elif math.isfinite(delay):
+            seconds = repr(float(delay))
         else:
-            raise ValueError(f"job {o.job_id}: outcome delay must be finite, got {o.delay!r}")
+            raise ValueError(f"job {o.job_id}: outcome delay must be finite, got {delay!r}")
+        token = o.token
+        if '"' in token or "\\" in token or not token.isprintable():
+            token = json.dumps(token)[1:-1]
         rows.append(
-            f'{{"id":{int(o.job_id)},"token":{dumps(o.token)},"event":"{o.event.value}",'
-            f'"stage":{dumps(o.stage, ensure_ascii=False)},"state":{o.state or "null"},'
-            f'"delay":{delay},"error":{o.error or "null"}}}'
+            f'{{"id":{int(o.job_id):d},"token":"{token}","event":{_EVENT_JSON[o.event]},'
+            f'"stage":{_json_text(o.stage)},"state":{o.state or "null"},'
+            f'"delay":{seconds},"error":{o.error or "null"}}}'
         )
     return f"[{','.join(rows)}]"
+
+
+_EVENT_JSON = {event: json.dumps(event.value) for event in Transition}
+_TEXTS: dict[str | None, str] = {}
+
+
+def _json_text(text: str | None) -> str:
+    """``json.dumps(text)``, remembered for the few distinct stage names a worker has."""
+    done = _TEXTS.get(text)
+    if done is None:
+        done = json.dumps(text)
+        if len(_TEXTS) < 1024:
+            _TEXTS[text] = done
+    return done
 
 
 def _claim_order(job: Job) -> tuple[int, datetime, int]:
@@ -1071,56 +702,26 @@ def _claim_order(job: Job) -> tuple[int, datetime, int]:
     return (-job.priority, job.run_at, job.id)
 
 
-def _transitions() -> sql.Composable:
-    """The rows of ``jobs.TRANSITIONS`` a run may write (``RUN_EVENTS``), once without
-    and once with a standing cancel request, as a VALUES list: (from, event,
-    cancel_requested, to, refund, deferral); see ``jobs.effective_event``."""
-    rows = []
-    for event in sorted(RUN_EVENTS):
-        for requested in (False, True):
-            actual = effective_event(event, requested)
-            target = TRANSITIONS[(JobStatus.RUNNING, actual)]
-            rows.append(
-                sql.SQL("({}, {}, {}, {}, {}, {})").format(
-                    sql.Literal(JobStatus.RUNNING.value),
-                    sql.Literal(event.value),
-                    sql.Literal(requested),
-                    sql.Literal(target.value),
-                    sql.Literal(int(actual in REFUNDED)),
-                    sql.Literal(int(actual in DEFERRED)),
-                )
-            )
-    return sql.SQL("(VALUES {})").format(sql.SQL(", ").join(rows))
+async def _drive(conn: AsyncConnection[Any], plan: Plan[T], statement: Statement | None) -> T:
+    while statement is not None:
+        if statement.dict_rows:
+            cur: Any = conn.cursor(row_factory=dict_row)
+            await cur.execute(statement.query, statement.params)
+        else:
+            cur = await conn.execute(statement.query, statement.params)
+        rows = await cur.fetchall() if cur.description is not None else []
+        statement = drive_step(plan, rows)
+    return cast(T, plan.result)
 
 
-def _column(values: Sequence[Any] | None, n: int, name: str) -> list[Any]:
-    if values is None:
-        return [None] * n
-    column = list(values)
-    if len(column) != n:
-        raise ValueError(f"{name} has {len(column)} items for {n} payloads")
-    return column
+def _lease(seconds: float) -> float:
+    # An infinite lease is stored as 'infinity', and the claimed row can then not be
+    # read back: every claimed job would be stranded as running. A negative lease is
+    # one that is already over (rescue tests claim that way).
+    return _inputs.float_param(seconds, "lease_seconds", minimum=-DAY, maximum=DAY)
 
 
-def _int_param(value: int, name: str, *, minimum: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-    if not -(2**31) <= value < 2**31:
-        raise ValueError(f"{name}={value} is out of range")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
-def _run_at_params(run_at: datetime | timedelta | float | None) -> dict[str, Any]:
-    if run_at is None:
-        return {"run_at": None, "delay": None}
-    if isinstance(run_at, datetime):
-        if run_at.tzinfo is None:
-            raise ValueError("run_at must be timezone-aware (e.g. datetime.now(timezone.utc))")
-        return {"run_at": run_at, "delay": None}
-    if isinstance(run_at, timedelta):
-        return {"run_at": None, "delay": run_at.total_seconds()}
-    if isinstance(run_at, int | float) and not isinstance(run_at, bool):
-        return {"run_at": None, "delay": float(run_at)}
-    raise TypeError("run_at must be a datetime, a timedelta or seconds from now")
+def _retention(seconds: float | None, name: str) -> float | None:
+    if seconds is None:
+        return None
+    return _inputs.float_param(seconds, name, minimum=0.0, maximum=_inputs.MAX_RUN_AT_SECONDS)

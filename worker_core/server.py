@@ -34,7 +34,8 @@ class HealthServer:
     Args:
         worker: a ``BaseWorker``, or any ``WorkerView`` (config, worker_id, metrics and
             a ``snapshot()``).
-        host: the interface to bind.
+        host: the interface to bind (loopback by default: the endpoints are not
+            authenticated; ``health.http_host`` sets it for a worker).
         port: the port; 0 picks a free one (read ``port`` after ``start()``).
         registry: a prometheus-client ``CollectorRegistry`` to serve at ``/metrics``
             (the worker's metrics are registered in it); by default the worker's
@@ -73,6 +74,13 @@ class HealthServer:
         if self._port is None:
             raise RuntimeError("the health server is not started")
         return self._port
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        """The bound ``(host, port)`` socket addresses (after ``start()``)."""
+        if self._runner is None:
+            raise RuntimeError("the health server is not started")
+        return [(str(a[0]), int(a[1])) for a in self._runner.addresses]
 
     @property
     def url(self) -> str:

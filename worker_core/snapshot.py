@@ -45,6 +45,8 @@ class WorkerSnapshot:
     #: The LISTEN connection is up; how many times it was (re)established this run.
     listener_connected: bool = False
     listener_connects: int = 0
+    #: LISTEN is off on purpose (the database is reached through a pooler): poll only.
+    polling_only: bool = False
     #: The run's Queue (its pool serves the database checks), None when not running.
     queue: Queue | None = None
     breakers: Mapping[str, CircuitBreaker] = field(default_factory=dict)

@@ -1,7 +1,9 @@
 """Helpers for testing workers built on worker_core (also used by its own tests).
 
-``running(worker)`` runs a worker in the background for the duration of a block
-and stops it gracefully; ``wait_for_status`` waits until a job reaches a status.
+``run_stages(stages, payload)`` runs a stage list in process without a database
+and returns the final state (``arun_stages`` from async code). ``running(worker)``
+runs a worker in the background for the duration of a block and stops it
+gracefully; ``wait_for_status`` waits until a job reaches a status.
 Waiting across processes has no event to wait on, so these poll the database at a
 short interval with a hard deadline.
 """
@@ -14,11 +16,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+from ._inline import arun_stages, run_stages
 from .jobs import Job, JobStatus
 from .queue import Queue
 from .worker import BaseWorker
 
-__all__ = ["running", "wait_for", "wait_for_status"]
+__all__ = ["arun_stages", "run_stages", "running", "wait_for", "wait_for_status"]
 
 
 async def wait_for(

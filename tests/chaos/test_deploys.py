@@ -7,6 +7,7 @@ an attempt; so every job ends succeeded with exactly one attempt used.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import signal
 import subprocess
@@ -55,7 +56,7 @@ async def test_repeated_sigterm_loses_no_attempt(queue: Queue, pg_dsn: str) -> N
             # signal handlers are installed, SIGTERM kills it by default (no job
             # is held then, but the exit code would not show a graceful drain).
             await wait_for(
-                lambda pid=victim.pid: _holds_lease(queue, pid),
+                functools.partial(_holds_lease, queue, victim.pid),
                 timeout=30,
                 what="victim holds jobs",
             )

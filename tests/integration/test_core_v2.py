@@ -364,10 +364,10 @@ async def test_the_error_history_keeps_the_first_and_latest_records(
 async def test_offloaded_blocking_work_keeps_the_lease(
     queue: Queue, make_config: Callable[..., WorkerConfig]
 ) -> None:
-    config = make_config(queue={"lease_seconds": 1, "heartbeat_seconds": 0.25})
+    config = make_config(queue={"lease_seconds": 2, "heartbeat_seconds": 0.4})
 
     async def parse(ctx: StageContext, n: int) -> None:
-        await ctx.offload(time.sleep, 2.5)  # 2.5 leases long, in a thread
+        await ctx.offload(time.sleep, 5)  # 2.5 leases long, in a thread
         total, pid = await ctx.offload(sum_of_squares, 1000, process=True)
         ctx.state.update(total=total, other_process=pid != os.getpid())
         try:

@@ -148,10 +148,12 @@ class FlakyStorage(LocalStorage):
         self.fail_after = fail_after
         self.starts: list[int] = []
 
-    async def open_stream(self, key: str, *, start: int = 0) -> AsyncGenerator[bytes, None]:
+    async def open_stream(
+        self, key: str, *, start: int = 0, version: str | None = None
+    ) -> AsyncGenerator[bytes, None]:
         self.starts.append(start)
         sent = 0
-        async for piece in super().open_stream(key, start=start):
+        async for piece in super().open_stream(key, start=start, version=version):
             yield piece
             sent += len(piece)
             if len(self.starts) == 1 and sent >= self.fail_after:
@@ -204,9 +206,11 @@ class CountingStorage(LocalStorage):
         super().__init__(root)
         self.streams = 0
 
-    async def open_stream(self, key: str, *, start: int = 0) -> AsyncGenerator[bytes, None]:
+    async def open_stream(
+        self, key: str, *, start: int = 0, version: str | None = None
+    ) -> AsyncGenerator[bytes, None]:
         self.streams += 1
-        async for piece in super().open_stream(key, start=start):
+        async for piece in super().open_stream(key, start=start, version=version):
             yield piece
 
 
@@ -263,8 +267,11 @@ async def test_ingest_from_s3(
     await worker.run(until_empty=True, install_signal_handlers=False)
     job = await queue.get(ok)
     assert job is not None and job.status is JobStatus.SUCCEEDED
+    version = job.state["pin"]["version"]
+    async with S3Storage.from_settings(config.storage) as storage:
+        assert version == (await storage.stat("a.txt")).version  # the ETag is the version
     async with queue.connection() as conn:
-        counts = await ChunkWriter(queue.schema).counts(conn, "a")
+        counts = await ChunkWriter(queue.schema).counts(conn, "a", version=version)
     assert counts.chunks == counts.embedded == len(Chunker().split(text))
     dead = await queue.get(missing)
     assert dead is not None and dead.status is JobStatus.DEAD

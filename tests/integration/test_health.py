@@ -291,6 +291,18 @@ async def get(session: aiohttp.ClientSession, url: str) -> tuple[int, str]:
         return response.status, await response.text()
 
 
+async def test_http_server_binds_loopback_unless_told(
+    queue: Queue, make_config: Callable[..., WorkerConfig]
+) -> None:
+    worker = FakeWorker(make_config(), queue)
+    async with HealthServer(worker, port=0) as server:
+        assert [host for host, _ in server.addresses] == ["127.0.0.1"]
+    assert WorkerConfig().health.http_host == "127.0.0.1"
+    configured = make_config(health={"http_host": "0.0.0.0"})
+    async with HealthServer(FakeWorker(configured, queue), host="0.0.0.0", port=0) as server:
+        assert [host for host, _ in server.addresses] == ["0.0.0.0"]
+
+
 async def test_http_endpoints(queue: Queue, config: WorkerConfig) -> None:
     worker = FakeWorker(config, queue)
     worker.metrics.job_succeeded(0.1)
@@ -424,10 +436,11 @@ async def test_a_running_worker_serves_health(
             ready.set()
 
     monkeypatch.setattr(worker_core.health, "HealthServer", Recording, raising=False)
-    config = make_config(health={"http_port": 0, "http_host": "127.0.0.1"})
+    config = make_config(health={"http_port": 0})  # no host: loopback only (issue 12)
     worker = WordWorker(config)
     async with running(worker), aiohttp.ClientSession() as session:
         await asyncio.wait_for(ready.wait(), 10)
+        assert [host for host, _ in started[0].addresses] == ["127.0.0.1"]
         base = started[0].url
         assert (await get(session, f"{base}/healthz"))[0] == 200
         assert (await get(session, f"{base}/readyz"))[0] == 200

@@ -35,7 +35,7 @@ class NoopWorker(BaseWorker):
 async def execute(queue: Queue, statement: str, *args: Any) -> list[Any]:
     async with queue.connection() as conn:
         cur = await conn.execute(
-            sql.SQL(statement).format(schema=sql.Identifier(queue.schema)),  # type: ignore[arg-type]
+            sql.SQL(statement).format(schema=sql.Identifier(queue.schema)),
             args or None,
         )
         return await cur.fetchall() if cur.description else []

@@ -16,6 +16,7 @@ illegal transition, no lost job, and no write or renewal by a stale run.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -350,7 +351,16 @@ class JobLifeCycle(RuleBasedStateMachine):
             return {r[0]: (r[1], r[2], r[3], r[4], r[5], r[6]) for r in await cur.fetchall()}
 
 
-@pytest.mark.timeout(300)
+def _examples(n: int) -> int:
+    # n in CI; `make fuzz` (profile "fuzz") runs WORKER_CORE_FUZZ_FACTOR / 2 times as
+    # many: each example drives the real SQL, so the factor is halved.
+    if settings.get_current_profile_name() != "fuzz":
+        return n
+    return n * max(1, int(os.environ.get("WORKER_CORE_FUZZ_FACTOR", "20")) // 2)
+
+
+@pytest.mark.hypothesis  # a property test too: `make fuzz` runs it
+@pytest.mark.timeout(3600 if os.environ.get("HYPOTHESIS_PROFILE") == "fuzz" else 300)
 def test_job_state_machine(make_config: Callable[..., WorkerConfig]) -> None:
     config = make_config(retry={"max_deferrals": MAX_DEFERRALS})
     loop = asyncio.new_event_loop()
@@ -358,10 +368,15 @@ def test_job_state_machine(make_config: Callable[..., WorkerConfig]) -> None:
     try:
         loop.run_until_complete(queue.open())
         loop.run_until_complete(queue.migrate())
+
+        class Bound(JobLifeCycle):
+            def __init__(self) -> None:
+                super().__init__(loop, queue)
+
         run_state_machine_as_test(
-            lambda: JobLifeCycle(loop, queue),
+            Bound,
             settings=settings(
-                max_examples=60,
+                max_examples=_examples(60),
                 stateful_step_count=30,
                 deadline=None,
                 suppress_health_check=[HealthCheck.too_slow],

@@ -15,7 +15,13 @@ from botocore.exceptions import ResponseStreamingError
 
 from worker_core.config import StorageSettings
 from worker_core.errors import PermanentError, TransientError
-from worker_core.ingest.storage import LocalStorage, S3Storage, Storage, storage_from_config
+from worker_core.ingest.storage import (
+    LocalStorage,
+    S3Storage,
+    Storage,
+    VersionChangedError,
+    storage_from_config,
+)
 
 MiB = 1 << 20
 
@@ -255,7 +261,7 @@ async def test_s3_object_replaced_during_a_resume_is_not_stitched(s3: S3Storage)
         await s3.put("doc.bin", blob(MiB, seed=2))
 
     async with breaking(s3, breaks=1, limit=200_000, before_resume=replace) as storage:
-        with pytest.raises(TransientError, match=r"'doc.bin'.*replaced while it was being read"):
+        with pytest.raises(VersionChangedError, match=r"'doc.bin'.*replaced since it was first"):
             await read_all(storage, "doc.bin")
 
 

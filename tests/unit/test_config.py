@@ -283,6 +283,113 @@ def test_console_defaults_match_the_contract() -> None:
     assert (c.dashboard.host, c.dashboard.port) == ("127.0.0.1", 8787)
     assert (c.history.enabled, c.history.retention_days) == (True, 14)
     assert c.alerts.webhook_url is None and c.alerts.rules() == {}
+# -- finite floats and upper bounds (issue 12) -----------------------------------------
+def _section_fields() -> list[tuple[str, str, Any]]:
+    """``(section, field, FieldInfo)`` for every field of every section model."""
+    from pydantic import BaseModel
+
+    out: list[tuple[str, str, Any]] = []
+    for section, info in WorkerConfig.model_fields.items():
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            out += [(section, name, sub) for name, sub in annotation.model_fields.items()]
+    return out
+
+
+def _accepts(info: Any, kind: type) -> bool:
+    import types
+    import typing
+
+    annotation = info.annotation
+    args = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else ()
+    return annotation is kind or kind in args
+
+
+def _section(section: str, values: dict[str, Any]) -> dict[str, Any]:
+    return {section: values}
+
+
+FLOAT_FIELDS = [(s, f) for s, f, info in _section_fields() if _accepts(info, float)]
+NUMERIC_FIELDS = [
+    (s, f) for s, f, info in _section_fields() if _accepts(info, float) or _accepts(info, int)
+]
+NOT_FINITE = ["inf", "-inf", "nan", "NaN", "Infinity", "1e999"]
+
+
+def test_the_float_field_list_is_complete() -> None:
+    # The walk below must see the fields the issue named, or the tests prove nothing.
+    for field in (
+        ("queue", "lease_seconds"),
+        ("queue", "poll_interval"),
+        ("queue", "shutdown_timeout"),
+        ("retry", "max_delay"),
+        ("circuit_breaker", "reset_timeout"),
+        ("maintenance", "retention_seconds"),
+    ):
+        assert field in FLOAT_FIELDS
+    assert len(FLOAT_FIELDS) >= 15
+
+
+@pytest.mark.parametrize(("section", "field"), FLOAT_FIELDS)
+def test_every_float_setting_refuses_inf_and_nan_from_code(section: str, field: str) -> None:
+    for value in [*NOT_FINITE, float("inf"), float("-inf"), float("nan")]:
+        with pytest.raises(ValidationError) as info:
+            WorkerConfig(**_section(section, {field: value}))
+        assert f"{section}.{field}" in error_fields(info.value), value
+
+
+@pytest.mark.parametrize(("section", "field"), FLOAT_FIELDS)
+def test_every_float_setting_refuses_inf_and_nan_from_env(
+    section: str, field: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for value in NOT_FINITE:
+        monkeypatch.setenv(f"WORKER_CORE_{section.upper()}__{field.upper()}", value)
+        with pytest.raises(ValidationError) as info:
+            WorkerConfig()
+        assert f"{section}.{field}" in error_fields(info.value), value
+        assert "finite" in str(info.value) or "less than" in str(info.value)
+
+
+def test_lease_seconds_inf_from_env_names_the_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORKER_CORE_QUEUE__LEASE_SECONDS", "inf")
+    with pytest.raises(ValidationError, match="finite number"):
+        WorkerConfig()
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"rate_limits": {"api": {"rate": float("inf")}}},
+        {"rate_limits": {"api": {"rate": float("nan")}}},
+        {"circuit_breaker": {"overrides": {"api": {"reset_timeout": float("inf")}}}},
+    ],
+)
+def test_floats_inside_named_entries_are_finite(kwargs: dict[str, Any]) -> None:
+    with pytest.raises(ValidationError, match="finite number"):
+        WorkerConfig(**kwargs)
+
+
+def test_json_env_with_infinity_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Python's json module reads the bare word Infinity as a float.
+    monkeypatch.setenv("WORKER_CORE_RATE_LIMITS", '{"api": {"rate": Infinity}}')
+    with pytest.raises(ValidationError, match="finite number"):
+        WorkerConfig()
+
+
+@pytest.mark.parametrize(("section", "field"), NUMERIC_FIELDS)
+def test_every_numeric_setting_has_an_upper_bound(section: str, field: str) -> None:
+    info = dict(((s, f), i) for s, f, i in _section_fields())[(section, field)]
+    bounds = [
+        getattr(meta, name)
+        for meta in info.metadata
+        for name in ("le", "lt")
+        if getattr(meta, name, None) is not None
+    ]
+    assert bounds, f"{section}.{field} has no upper bound"
+    with pytest.raises(ValidationError) as exc:
+        WorkerConfig(**_section(section, {field: bounds[0] * 10 + 10}))
+    assert f"{section}.{field}" in error_fields(exc.value)
+    assert "less than" in str(exc.value)  # the rule is named in the error
 
 
 @pytest.mark.parametrize(
@@ -340,3 +447,32 @@ def test_production_refuses_a_plain_http_webhook() -> None:
         WorkerConfig(**base, alerts={"webhook_url": "http://hooks.example/x"})
     WorkerConfig(**base, alerts={"webhook_url": "http://127.0.0.1:9/x"})
     WorkerConfig(**base, alerts={"webhook_url": "https://hooks.example/x"})
+        ({"queue": {"lease_seconds": 10 * 86_400}}, "queue.lease_seconds"),
+        ({"queue": {"poll_interval": 1e9}}, "queue.poll_interval"),
+        ({"queue": {"max_payload_bytes": 1 << 40}}, "queue.max_payload_bytes"),
+        ({"retry": {"max_delay": 1e12}}, "retry.max_delay"),
+        ({"maintenance": {"retention_seconds": 1e15}}, "maintenance.retention_seconds"),
+        ({"database": {"connect_timeout": 1e6}}, "database.connect_timeout"),
+        ({"database": {"application_name": "a\x00b"}}, "database.application_name"),
+        ({"health": {"http_host": "0.0.0.0 "}}, "health.http_host"),
+        ({"health": {"http_host": "http://x/"}}, "health.http_host"),
+        ({"health": {"http_host": ""}}, "health.http_host"),
+    ],
+)
+def test_huge_or_malformed_values_are_refused(kwargs: dict[str, Any], field: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        WorkerConfig(**kwargs)
+    assert field in error_fields(info.value)
+
+
+@pytest.mark.parametrize("schema", ["_\n", "abc\n", "abc\r", "\nabc", "a\x00", "abc "])
+def test_schema_is_a_full_match(schema: str) -> None:
+    with pytest.raises(ValidationError, match=r"full match") as info:
+        WorkerConfig(database={"schema": schema})
+    assert "database.schema" in error_fields(info.value)
+
+
+def test_health_server_binds_loopback_unless_configured() -> None:
+    assert WorkerConfig().health.http_host == "127.0.0.1"
+    assert WorkerConfig(health={"http_host": "0.0.0.0"}).health.http_host == "0.0.0.0"
+    assert WorkerConfig(health={"http_host": "::"}).health.http_host == "::"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -88,6 +89,6 @@ def test_embed_keeps_order_and_satisfies_the_protocol() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"), [({"dimensions": 0}, "dimensions"), ({"char_ngrams": -1}, "char_ngrams")]
 )
-def test_bad_settings(kwargs: dict[str, int], message: str) -> None:
+def test_bad_settings(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         HashingEmbedder(**kwargs)

@@ -106,3 +106,45 @@ def test_property_valid_json_round_trips(value: dict[str, Any]) -> None:
 
     check_json(value)
     assert json.loads(dump_json(value)) == value
+
+
+# -- deep nesting on every Python (json.dumps no longer refuses it from 3.13 on) --------
+def _depth(value: object) -> int:
+    if isinstance(value, dict):
+        return 1 + max((_depth(v) for v in value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max((_depth(v) for v in value), default=0)
+    return 0
+
+
+_nested_json = st.recursive(
+    st.one_of(st.none(), st.integers(), st.text(alphabet='{}[]"\\ab', max_size=5)),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=3), inner, max_size=3)
+    ),
+    max_leaves=40,
+)
+
+
+@given(_nested_json, st.integers(0, 12))
+def test_property_deep_documents_are_never_missed(value: object, limit: int) -> None:
+    import json
+
+    from worker_core.jobs import _maybe_too_deep
+
+    found = _maybe_too_deep(json.dumps(value, ensure_ascii=False), limit)
+    depth = _depth(value)
+    if depth > limit:
+        assert found  # never a false negative: check_json then decides
+    elif depth <= limit // 2 and '"' not in json.dumps(value).replace('\\"', ""):
+        assert not found
+
+
+def test_deep_nesting_refused_in_batches_too() -> None:
+    from worker_core.jobs import dump_json_objects
+
+    deep: dict[str, object] = {"leaf": True}
+    for _ in range(300):
+        deep = {"n": deep}
+    with pytest.raises(PayloadError, match=r"payloads\[1\] is nested more than"):
+        dump_json_objects([{"ok": 1}, deep])

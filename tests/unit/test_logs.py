@@ -17,12 +17,12 @@ import pytest
 
 from worker_core.logs import (
     StructuredLogger,
-    _Redactor,
     configure_logging,
     is_configured,
     job_context,
     unconfigure_logging,
 )
+from worker_core.redact import Redactor
 
 API_KEY = "sk-live-abcdef123456"
 DB_PASSWORD = "Db-Pa55-word-77"
@@ -253,7 +253,7 @@ def test_disabled_levels_cost_nothing_visible() -> None:
 
 
 def test_redactor_caches_are_bounded() -> None:
-    redactor = _Redactor()
+    redactor = Redactor()
     for i in range(20_000):
         redactor.field(f"key{i}", f"value {i}")
     assert len(redactor._keys) <= 4096 and len(redactor._texts) <= 4096

@@ -42,6 +42,14 @@ from worker_core.retry import ErrorKind
 
 PACKAGE = Path(__file__).resolve().parents[2] / "worker_core"
 
+#: Any text, lone surrogates and NUL included (the default alphabet leaves them out).
+ANY_TEXT = st.text(alphabet=st.characters(exclude_categories=()))
+DETAIL_VALUES = st.recursive(
+    ANY_TEXT | st.floats() | st.integers() | st.none() | st.booleans(),
+    lambda c: st.lists(c, max_size=3) | st.dictionaries(ANY_TEXT, c, max_size=3),
+    max_leaves=10,
+)
+
 
 def claimed(**kw: Any) -> Job:
     fields: dict[str, Any] = {
@@ -190,7 +198,7 @@ def test_an_unstorable_outcome_becomes_a_dead_letter_that_says_why() -> None:
     assert "succeed outcome" in record["note"]
 
 
-@given(st.text())
+@given(ANY_TEXT)
 def test_clean_text_always_encodes(text: str) -> None:
     cleaned = clean_text(text)
     cleaned.encode("utf-8")
@@ -203,17 +211,12 @@ def test_finite_delay_is_none_or_within_bounds(value: Any) -> None:
     assert delay is None or 0.0 <= delay <= MAX_DELAY_SECONDS
 
 
-@given(
-    st.text(alphabet=st.characters(codec=None)),
-    st.dictionaries(st.text(), st.recursive(st.text() | st.floats() | st.integers(),
-                    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(), c, max_size=3),
-                    max_leaves=10), max_size=5),
-)  # fmt: skip
+@given(ANY_TEXT, st.lists(DETAIL_VALUES, max_size=5), ANY_TEXT)
 def test_property_any_error_gives_a_storable_bounded_record(
-    message: str, detail: dict[str, Any]
+    message: str, detail: list[Any], stage: str
 ) -> None:
-    exc = PermanentError(message, **{f"d{i}": v for i, v in enumerate(detail.values())})
-    record = error_record(exc, kind=ErrorKind.PERMANENT, stage="s", attempt=1, worker_id="w")
+    exc = PermanentError(message, **{f"d{i}": v for i, v in enumerate(detail)})
+    record = error_record(exc, kind=ErrorKind.PERMANENT, stage=stage, attempt=1, worker_id="w")
     text = error_json(record)
     assert len(text.encode("utf-8")) < 64 * 1024
     dump_json(json.loads(text), "record")

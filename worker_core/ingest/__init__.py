@@ -11,38 +11,62 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .catalog import DocumentCatalog, Outcome
     from .chunker import ChunkCursor, Chunker, TextChunk
     from .document_worker import DocumentWorker
     from .embedders import Embedder, HashingEmbedder
     from .http_embedder import HttpEmbedder
-    from .storage import LocalStorage, S3Storage, Storage, storage_from_config
+    from .s3 import S3Storage
+    from .storage import (
+        LocalStorage,
+        ObjectInfo,
+        Storage,
+        VersionChangedError,
+        VersionedStorage,
+        storage_from_config,
+    )
+    from .sync import SyncResult, sync_prefix
 
 _EXPORTS: dict[str, str] = {
     "ChunkCursor": "chunker",
     "Chunker": "chunker",
+    "DocumentCatalog": "catalog",
     "DocumentWorker": "document_worker",
     "Embedder": "embedders",
     "HashingEmbedder": "embedders",
     "HttpEmbedder": "http_embedder",
     "LocalStorage": "storage",
-    "S3Storage": "storage",
+    "ObjectInfo": "storage",
+    "Outcome": "catalog",
+    "S3Storage": "s3",
     "Storage": "storage",
+    "SyncResult": "sync",
     "TextChunk": "chunker",
+    "VersionChangedError": "storage",
+    "VersionedStorage": "storage",
     "storage_from_config": "storage",
+    "sync_prefix": "sync",
 }
 
 __all__ = [
     "ChunkCursor",
     "Chunker",
+    "DocumentCatalog",
     "DocumentWorker",
     "Embedder",
     "HashingEmbedder",
     "HttpEmbedder",
     "LocalStorage",
+    "ObjectInfo",
+    "Outcome",
     "S3Storage",
     "Storage",
+    "SyncResult",
     "TextChunk",
+    "VersionChangedError",
+    "VersionedStorage",
     "storage_from_config",
+    "sync_prefix",
 ]
 
 

@@ -1,218 +1,89 @@
 """DocumentWorker: the reference pipeline from a stored document to embedded chunks.
 
-Payload ``{"document_id": str, "key": str}``. Three stages hand work to each
-other through the chunks buffer table, so each can resume where a crash left it:
-
-``chunk``
-    Streams the object (ranged from the checkpointed byte offset on a retry),
-    splits it and writes chunks in batches through ``ChunkWriter``. After a batch
-    is written its cursor goes into ``ctx.state``, persisted every
-    ``checkpoint_every`` seconds: a crash repeats at most that much work, and the
-    repeat writes nothing (deterministic ids, ``ON CONFLICT DO NOTHING``).
-``embed``
-    Reads chunks whose embedding is NULL, embeds them batch by batch and fills
-    only NULL embeddings; the table is the cursor, no checkpoint is needed. No
-    connection is held while the embedder works.
-``finalize``
-    Verifies the stored chunks against the count the chunk stage produced (no
-    gaps, all embedded) and records the document in ``<schema>.documents``.
+Stages (``pipeline.py``): ``chunk`` pins the object's version and writes its
+chunks, ``embed`` fills their embeddings, ``finalize`` switches the document to
+the new version in one transaction. Payloads: ``{"document_id", "key"}`` to
+ingest, ``{"document_id", "delete": true}`` to delete. Readers query the
+``<schema>.current_chunks`` view: one complete version per document.
 
 Memory is bounded by the batch size and the storage read size, not by the
 document. Bad documents (missing object, empty, invalid UTF-8, binary, NUL
 bytes, a payload without ``document_id``) are permanent errors with the reason.
+
+Embedding outages: with ``ingest.on_embedding_outage = "defer"`` (the default)
+a document that meets an open embeddings circuit is deferred, and claiming
+pauses while the circuit is open. With ``"finalize_pending"`` it is finalized
+without the missing vectors (searchable by text, ``documents.embeddings_pending``)
+and the worker's backfill loop enqueues ``{"document_id", "backfill": true}``
+jobs for such documents whenever an embedding breaker is not open: every
+``ingest.backfill_interval`` seconds and at once when one closes.
+``embedding.fallback_endpoints`` give the HTTP embedder further endpoints of the
+same model, each behind its own breaker.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Sequence
-from contextlib import aclosing
-from typing import TYPE_CHECKING
+import asyncio
+import collections
+import contextlib
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from worker_core.errors import PermanentError, TransientError
-from worker_core.stages import Stage, StageContext
+from worker_core.breaker import CircuitBreaker, CircuitState
+from worker_core.logs import StructuredLogger
+from worker_core.queue import Queue
+from worker_core.stages import Stage
 from worker_core.worker import BaseWorker
-from worker_core.writes import Chunk, ChunkWriter, TableWriter
+from worker_core.writes import ChunkWriter
 
-from .chunker import ChunkCursor, Chunker, TextChunk
+from .catalog import DocumentCatalog, dedupe_key
+from .chunker import Chunker
 from .embedders import Embedder, HashingEmbedder
+from .pipeline import ChunkStage, EmbedStage, FinalizeStage
 from .storage import Storage, storage_from_config
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from psycopg_pool import AsyncConnectionPool
 
     from worker_core.config import EmbeddingSettings, WorkerConfig
 
-__all__ = ["ChunkStage", "DocumentWorker", "EmbedStage", "FinalizeStage", "embedder_from_config"]
+__all__ = [
+    "ChunkStage",
+    "DocumentWorker",
+    "EmbedStage",
+    "FinalizeStage",
+    "embedder_from_config",
+]
+
+_log = StructuredLogger("worker_core.ingest")
 
 
-def embedder_from_config(settings: EmbeddingSettings) -> Embedder:
-    """The embedder ``settings.provider`` names."""
+def embedder_from_config(
+    settings: EmbeddingSettings, *, breakers: Callable[[str], CircuitBreaker] | None = None
+) -> Embedder:
+    """The embedder ``settings.provider`` names; ``breakers`` gives each HTTP endpoint
+    its breaker (e.g. ``worker.breaker``)."""
     if settings.provider == "http":
         from .http_embedder import HttpEmbedder  # imported only when chosen (aiohttp)
 
-        return HttpEmbedder.from_settings(settings)
+        return HttpEmbedder.from_settings(settings, breakers=breakers)
     return HashingEmbedder(settings.dimensions)
 
 
-def _payload(ctx: StageContext) -> tuple[str, str]:
-    payload = ctx.job.payload
-    values = []
-    for field in ("document_id", "key"):
-        value = payload.get(field)
-        if not isinstance(value, str) or not value.strip():
-            raise PermanentError(
-                f"job {ctx.job.id}: payload field {field!r} must be a non-empty string",
-                field=field,
-            )
-        values.append(value)
-    return values[0], values[1]
+@runtime_checkable
+class _Guarded(Protocol):
+    """An embedder behind circuit breakers (HttpEmbedder): one per endpoint."""
 
-
-class ChunkStage:
-    """Stream the document and write its chunks, checkpointing the cursor."""
-
-    name = "chunk"
-
-    def __init__(self, worker: DocumentWorker) -> None:
-        self.worker = worker
-
-    async def run(self, ctx: StageContext) -> None:
-        document_id, key = _payload(ctx)
-        worker = self.worker
-        cursor = ChunkCursor.from_state(ctx.state.get("chunk_cursor"))
-        progress: dict[str, int] = ctx.state.setdefault("chunks", {"written": 0, "skipped": 0})
-        if not cursor.done:
-            if cursor.offset:
-                ctx.logger.info("chunking resumes", offset=cursor.offset, index=cursor.index)
-            name = f"document {document_id!r} ({key})"
-            last_checkpoint = time.monotonic()
-            batch: list[TextChunk] = []
-            stream = worker.storage.open_stream(key, start=cursor.offset)
-            async with (
-                aclosing(stream),
-                aclosing(worker.chunker.chunks(stream, cursor=cursor, name=name)) as chunks,
-            ):
-                async for piece in chunks:
-                    batch.append(piece)
-                    if len(batch) < worker.batch_size:
-                        continue
-                    cursor = await self._write(ctx, document_id, batch, progress)
-                    batch = []
-                    if time.monotonic() - last_checkpoint >= worker.checkpoint_every:
-                        await ctx.checkpoint()
-                        last_checkpoint = time.monotonic()
-            if batch:
-                cursor = await self._write(ctx, document_id, batch, progress)
-            cursor = ChunkCursor(cursor.index, cursor.offset, True)
-            ctx.state["chunk_cursor"] = cursor.to_state()
-        ctx.state["chunk_count"] = cursor.index
-        ctx.logger.info("document chunked", chunks=cursor.index, **progress)
-
-    async def _write(
-        self,
-        ctx: StageContext,
-        document_id: str,
-        batch: Sequence[TextChunk],
-        progress: dict[str, int],
-    ) -> ChunkCursor:
-        rows = [
-            Chunk(document_id, c.index, c.text, metadata={"start": c.start, "end": c.end})
-            for c in batch
-        ]
-        async with ctx.connection() as conn:
-            result = await self.worker.writer.write(conn, rows)
-        progress["written"] += result.inserted
-        progress["skipped"] += result.skipped
-        # Only now, with the batch stored, may the cursor move past it.
-        cursor = batch[-1].cursor
-        ctx.state["chunk_cursor"] = cursor.to_state()
-        return cursor
-
-
-class EmbedStage:
-    """Fill the document's missing embeddings, batch by batch."""
-
-    name = "embed"
-
-    def __init__(self, worker: DocumentWorker) -> None:
-        self.worker = worker
-
-    async def run(self, ctx: StageContext) -> None:
-        document_id, _key = _payload(ctx)
-        worker = self.worker
-        filled_total = 0
-        after = -1
-        while True:
-            async with ctx.connection() as conn:
-                missing = await worker.writer.missing_embeddings(
-                    conn, document_id, limit=worker.embed_batch_size, after=after
-                )
-            if not missing:
-                break
-            vectors = await worker.embedder.embed([m.content for m in missing])
-            if len(vectors) != len(missing):
-                raise TransientError(
-                    f"embedder returned {len(vectors)} vectors for {len(missing)} texts"
-                )
-            async with ctx.connection() as conn:
-                filled_total += await worker.writer.set_embeddings(
-                    conn, zip((m.id for m in missing), vectors, strict=True)
-                )
-            after = missing[-1].chunk_index
-        ctx.state["embedded"] = ctx.state.get("embedded", 0) + filled_total
-        ctx.logger.info("document embedded", filled=filled_total)
-
-
-class FinalizeStage:
-    """Verify the stored chunks and record the document as ingested."""
-
-    name = "finalize"
-
-    def __init__(self, worker: DocumentWorker) -> None:
-        self.worker = worker
-
-    async def run(self, ctx: StageContext) -> None:
-        document_id, key = _payload(ctx)
-        expected = ctx.state.get("chunk_count")
-        if not isinstance(expected, int):
-            raise PermanentError(
-                f"job {ctx.job.id}: no chunk count in the job state; the chunk stage did not run"
-            )
-        async with ctx.connection() as conn:
-            counts = await self.worker.writer.counts(conn, document_id)
-            problem = None
-            if counts.chunks != expected or counts.next_index != expected:
-                problem = (
-                    f"holds {counts.chunks} chunks (indexes up to {counts.next_index - 1}) "
-                    f"but the document has {expected}; an older version of it may have been "
-                    "ingested under the same document_id"
-                )
-            elif counts.embedded != counts.chunks:
-                problem = f"has {counts.chunks - counts.embedded} chunks without an embedding"
-            if problem is not None:
-                raise PermanentError(
-                    f"document {document_id!r}: the chunks table {problem}",
-                    document_id=document_id,
-                    expected=expected,
-                    stored=counts.chunks,
-                    embedded=counts.embedded,
-                )
-            recorded = await self.worker.documents.write(
-                conn, [(document_id, key, expected, ctx.job.id)]
-            )
-        ctx.state["recorded"] = recorded.inserted == 1
-        ctx.logger.info(
-            "document ingested" if recorded.inserted else "document was already ingested",
-            chunks=expected,
-        )
+    @property
+    def breakers(self) -> list[CircuitBreaker]: ...
 
 
 class DocumentWorker(BaseWorker):
-    """Ingests documents from storage into the chunks buffer table, with embeddings.
+    """Ingests documents from storage into the chunks table, with embeddings.
 
     Args:
-        config: the validated configuration (storage, embedding, database schema).
+        config: the validated configuration (storage, embedding, ingest, database schema).
         storage: a ``Storage``; by default built from ``config.storage`` and opened
             and closed with each ``run()``.
         embedder: an ``Embedder``; by default built from ``config.embedding``.
@@ -224,6 +95,11 @@ class DocumentWorker(BaseWorker):
         checkpoint_every: seconds between cursor checkpoints of the chunk stage
             (``ingest.checkpoint_every`` by default).
         pool: an open connection pool to share.
+
+    ``outcomes`` counts what this worker's jobs did to their documents
+    (``ingested``, ``replaced``, ``unchanged``, ``superseded``, ``deleted``, ...).
+    A subclass that overrides ``on_startup`` or ``on_shutdown`` calls ``super()``:
+    they open storage and run the embeddings backfill loop.
     """
 
     def __init__(
@@ -247,15 +123,23 @@ class DocumentWorker(BaseWorker):
             storage if storage is not None else storage_from_config(config.storage)
         )
         if embedder is None:
-            embedder = embedder_from_config(config.embedding)
-            if getattr(embedder, "breaker", False) is None:
-                # Every job shares the worker's breaker: an outage opens it once and
-                # jobs are deferred instead of each burning its attempts.
-                embedder.breaker = self.breaker("embeddings")  # type: ignore[attr-defined]
-                # ... and while it is open, claiming pauses: a job claimed now would
-                # only be deferred again.
-                self.required_breakers = ("embeddings",)
+            # Every job shares the worker's breakers: an outage opens them once and
+            # jobs are deferred (or finalized pending) instead of each burning attempts.
+            embedder = embedder_from_config(config.embedding, breakers=self.breaker)
         self.embedder = embedder
+        #: The breakers of the embedding endpoints, primary first.
+        self.embedding_breakers = list(embedder.breakers) if isinstance(embedder, _Guarded) else []
+        model = getattr(embedder, "model", None)
+        #: Stored with every vector; vectors of another model count as missing.
+        self.embedding_model: str = (
+            model if isinstance(model, str) and model else type(embedder).__qualname__
+        )
+        self.finalize_pending = ingest.on_embedding_outage == "finalize_pending"
+        if len(self.embedding_breakers) == 1 and not self.finalize_pending:
+            # While the only endpoint's circuit is open a claimed job would only be
+            # deferred again: claiming pauses. (With fallbacks another endpoint may
+            # serve; with finalize_pending documents still get chunked.)
+            self.required_breakers = (self.embedding_breakers[0].name,)
         self.chunker = chunker or Chunker(ingest.chunk_size, ingest.chunk_overlap)
         self.batch_size = batch_size
         self.embed_batch_size = embed_batch_size or config.embedding.batch_size
@@ -264,19 +148,18 @@ class DocumentWorker(BaseWorker):
         )
         schema = config.database.schema
         self.writer = ChunkWriter(schema, dimensions=config.embedding.dimensions)
-        self.documents = TableWriter(
-            "documents",
-            ("document_id", "storage_key", "chunks", "job_id"),
-            schema=schema,
-            conflict=("document_id",),
-        )
+        self.catalog = DocumentCatalog(schema, self.writer)
+        self.outcomes: collections.Counter[str] = collections.Counter()
+        self._backfill_task: asyncio.Task[None] | None = None
+        self._backfill_wake = asyncio.Event()
         self.add_health_check("storage", self.storage.health_check)
 
     def stages(self) -> list[Stage]:
         return [ChunkStage(self), EmbedStage(self), FinalizeStage(self)]
 
     async def on_startup(self) -> None:
-        """Open storage and refuse to start if the embedder cannot fill the column."""
+        """Open storage, refuse to start if the embedder cannot fill the column, and
+        start the embeddings backfill loop."""
         await self.storage.open()
         try:
             async with self.connection() as conn:
@@ -289,9 +172,69 @@ class DocumentWorker(BaseWorker):
         except BaseException:
             await self.storage.aclose()  # on_shutdown does not run when startup fails
             raise
+        for breaker in self.embedding_breakers:
+            breaker.add_listener(self._breaker_changed)
+        self._backfill_wake.set()  # a first sweep at start: pending work from before
+        self._backfill_task = asyncio.create_task(
+            self._backfill_loop(), name="worker_core.ingest.backfill"
+        )
 
     async def on_shutdown(self) -> None:
+        task, self._backfill_task = self._backfill_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for breaker in self.embedding_breakers:
+            breaker.remove_listener(self._breaker_changed)
         await self.storage.aclose()
         close = getattr(self.embedder, "aclose", None)
         if close is not None:
             await close()
+
+    # -- the embeddings backfill ------------------------------------------------------
+    def embeddings_available(self) -> bool:
+        """Whether some embedding endpoint's breaker may admit a call now."""
+        return not self.embedding_breakers or any(
+            b.state is not CircuitState.OPEN for b in self.embedding_breakers
+        )
+
+    async def backfill_pending(self, *, batch_size: int = 1000) -> int:
+        """Enqueue a backfill job for every document awaiting embeddings; how many were
+        offered (deduplicated: one job per document and version while it waits)."""
+        offered = 0
+        after = ""
+        queue = Queue(self.config)  # never opened: it writes on the worker's connection
+        while True:
+            async with self.connection() as conn:
+                rows = await self.catalog.pending(conn, after=after, limit=batch_size)
+                if not rows:
+                    return offered
+                await queue.enqueue_many(
+                    [{"document_id": document_id, "backfill": True} for document_id, _ in rows],
+                    dedupe_keys=[dedupe_key("backfill", d, v) for d, v in rows],
+                    connection=conn,
+                )
+            offered += len(rows)
+            after = rows[-1][0]
+
+    def _breaker_changed(self, name: str, old: CircuitState, new: CircuitState) -> None:
+        if new is CircuitState.CLOSED:
+            self._backfill_wake.set()  # the service is back: fill what waited for it
+
+    async def _backfill_loop(self) -> None:
+        interval = self.config.ingest.backfill_interval
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(interval):
+                    await self._backfill_wake.wait()
+            self._backfill_wake.clear()
+            if not self.embeddings_available():
+                continue
+            try:
+                offered = await self.backfill_pending()
+            except Exception as exc:  # the database may be away a moment: next sweep
+                _log.warning("embeddings backfill sweep failed", error=repr(exc))
+                continue
+            if offered:
+                _log.info("embeddings backfill enqueued", documents=offered)

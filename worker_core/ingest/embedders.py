@@ -28,7 +28,11 @@ __all__ = ["Embedder", "HashingEmbedder"]
 
 @runtime_checkable
 class Embedder(Protocol):
-    """Turns texts into vectors of ``dimensions`` floats, one per text, in order."""
+    """Turns texts into vectors of ``dimensions`` floats, one per text, in order.
+
+    An embedder may also have a ``model`` string attribute naming its vector space;
+    it is stored with every vector (``DocumentWorker`` falls back to the class name).
+    """
 
     dimensions: int
 
@@ -89,6 +93,12 @@ class HashingEmbedder:
         self.dimensions = dimensions
         self.word_pairs = word_pairs
         self.char_ngrams = char_ngrams
+        #: Names the vector space: each setting gives vectors of another one.
+        self.model = (
+            f"worker-core-hashing-{dimensions}"
+            + ("-pairs" if word_pairs else "")
+            + (f"-ngrams{char_ngrams}" if char_ngrams else "")
+        )
         self._cache: dict[str, int] = {}
         self._cache_size = cache_size
 

@@ -8,16 +8,25 @@ in batches of ``embedding.batch_size``; each response must hold exactly one vect
 of ``embedding.dimensions`` numbers per input, or the batch fails with a
 ``PermanentError`` that names the problem (a wrong model or dimension setting does
 not heal by retrying). The API key travels only in the ``Authorization`` header.
+
+``embedding.fallback_endpoints`` are other endpoints serving the same model
+(another region, a replica), each with its own breaker (``embeddings-fallback-1``,
+...). A batch goes to the first endpoint whose breaker admits it: while the
+primary's breaker is open the first fallback serves, and so on; only when every
+breaker is open does the batch fail with the ``CircuitOpenError`` that reopens
+soonest. A response naming another model than ``embedding.model`` is refused
+(a transient fault of that endpoint), so vectors of two models are never mixed.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from worker_core.errors import PermanentError
-from worker_core.http import ServiceClient
+from worker_core.errors import CircuitOpenError, PermanentError, TransientError
+from worker_core.http import ServiceClient, ServiceResponse
 from worker_core.ratelimit import RateLimiter, TokenBucket
 
 if TYPE_CHECKING:
@@ -30,6 +39,11 @@ __all__ = ["HttpEmbedder", "embeddings_url"]
 
 #: The breaker and rate-limit name this embedder uses by default.
 SERVICE = "embeddings"
+
+
+def breaker_names(fallbacks: int) -> list[str]:
+    """The breaker of the primary endpoint, then one per fallback endpoint."""
+    return [SERVICE, *(f"{SERVICE}-fallback-{i}" for i in range(1, fallbacks + 1))]
 
 
 def embeddings_url(endpoint: str) -> str:
@@ -48,8 +62,11 @@ class HttpEmbedder:
     Args:
         settings: ``WorkerConfig.embedding`` (endpoint, api_key, model, batch_size,
             timeout, requests_per_second, dimensions).
-        breaker: guards the endpoint; pass the worker's ``worker.breaker("embeddings")``
-            so every job shares it (fleet-wide when the registry is attached).
+        breaker: guards the primary endpoint; pass the worker's
+            ``worker.breaker("embeddings")`` so every job shares it (fleet-wide when
+            the registry is attached).
+        breakers: instead, a factory such as ``worker.breaker``: every endpoint gets
+            the breaker ``breaker_names(...)`` assigns it.
         session: an ``aiohttp.ClientSession`` to share; by default one is opened.
         rate_limiter: replaces the bucket built from ``requests_per_second``.
         send_dimensions: ask the API for ``dimensions``-long vectors (OpenAI's
@@ -61,6 +78,7 @@ class HttpEmbedder:
         settings: EmbeddingSettings,
         *,
         breaker: CircuitBreaker | None = None,
+        breakers: Callable[[str], CircuitBreaker] | None = None,
         session: aiohttp.ClientSession | None = None,
         rate_limiter: RateLimiter | None = None,
         send_dimensions: bool = True,
@@ -75,18 +93,30 @@ class HttpEmbedder:
         if settings.api_key is not None and settings.api_key.get_secret_value():
             headers["Authorization"] = f"Bearer {settings.api_key.get_secret_value()}"
         rps = settings.requests_per_second
-        if rate_limiter is None and rps is not None:
-            # Up to one second's worth of requests may go at once after a pause.
-            rate_limiter = TokenBucket(rps, max(1, math.floor(rps)), name=SERVICE)
-        self.client = ServiceClient(
-            SERVICE,
-            embeddings_url(settings.endpoint),
-            breaker=breaker,
-            rate_limiter=rate_limiter,
-            timeout=settings.timeout,
-            headers=headers,
-            session=session,
-        )
+        names = breaker_names(len(settings.fallback_endpoints))
+        self.clients: list[ServiceClient] = []
+        for i, (name, endpoint) in enumerate(
+            zip(names, (settings.endpoint, *settings.fallback_endpoints), strict=True)
+        ):
+            limiter = rate_limiter if i == 0 else None
+            if limiter is None and rps is not None:
+                # Up to one second's worth of requests may go at once after a pause.
+                limiter = TokenBucket(rps, max(1, math.floor(rps)), name=name)
+            self.clients.append(
+                ServiceClient(
+                    name,
+                    embeddings_url(endpoint),
+                    breaker=breakers(name) if breakers is not None else None,
+                    rate_limiter=limiter,
+                    timeout=settings.timeout,
+                    headers=headers,
+                    session=session,
+                )
+            )
+        #: The primary endpoint's client.
+        self.client = self.clients[0]
+        if breaker is not None:
+            self.client.breaker = breaker
 
     @classmethod
     def from_settings(cls, settings: EmbeddingSettings, **kwargs: Any) -> HttpEmbedder:
@@ -95,18 +125,25 @@ class HttpEmbedder:
 
     @property
     def breaker(self) -> CircuitBreaker | None:
+        """The primary endpoint's breaker."""
         return self.client.breaker
 
     @breaker.setter
     def breaker(self, breaker: CircuitBreaker | None) -> None:
         self.client.breaker = breaker
 
+    @property
+    def breakers(self) -> list[CircuitBreaker]:
+        """Every endpoint's breaker, primary first (those that have one)."""
+        return [c.breaker for c in self.clients if c.breaker is not None]
+
     def __repr__(self) -> str:
         return f"HttpEmbedder({self.client!r}, model={self.model!r}, dimensions={self.dimensions})"
 
     async def aclose(self) -> None:
-        """Close the HTTP session this embedder opened (it reopens on next use)."""
-        await self.client.close()
+        """Close the HTTP sessions this embedder opened (they reopen on next use)."""
+        for client in self.clients:
+            await client.close()
 
     async def __aenter__(self) -> HttpEmbedder:
         return self
@@ -139,12 +176,21 @@ class HttpEmbedder:
         payload: dict[str, Any] = {"model": self.model, "input": batch, "encoding_format": "float"}
         if self.send_dimensions:
             payload["dimensions"] = self.dimensions
-        response = await self.client.request("POST", json=payload)
         where = f"embeddings: batch of texts {offset}..{offset + len(batch) - 1}"
-        try:
-            body = response.json()
-        except PermanentError as exc:
-            raise PermanentError(f"{where}: {exc}") from None
+        refused: list[CircuitOpenError] = []
+        parsed: list[Any] = []  # the body, parsed once by the check
+        for client in self.clients:
+            try:
+                await client.request(
+                    "POST", json=payload, validate=self._same_model(client.name, where, parsed)
+                )
+            except CircuitOpenError as exc:
+                refused.append(exc)  # this endpoint is out: try the next
+                continue
+            break
+        else:
+            raise min(refused, key=lambda e: e.retry_after or 0.0)
+        body = parsed[-1]
         data = body.get("data") if isinstance(body, dict) else None
         if not isinstance(data, list):
             raise PermanentError(f"{where}: the response has no 'data' list")
@@ -159,6 +205,29 @@ class HttpEmbedder:
                 raise PermanentError(f"{where}: index {index} appears twice")
             slots[index] = self._vector(item.get("embedding"), where, offset + index)
         return [v for v in slots if v is not None]
+
+    def _same_model(
+        self, service: str, where: str, parsed: list[Any]
+    ) -> Callable[[ServiceResponse], None]:
+        def check(response: ServiceResponse) -> None:
+            try:
+                body = response.json()
+            except PermanentError as exc:
+                raise PermanentError(f"{where}: {exc}") from None
+            parsed.append(body)
+            model = body.get("model") if isinstance(body, dict) else None
+            if isinstance(model, str) and model and model != self.model:
+                # Inside the breaker call: an endpoint serving another model counts as
+                # failing, so its breaker opens and the next endpoint serves. Its
+                # vectors would not be comparable with the others: none are taken.
+                raise TransientError(
+                    f"{where}: {service} answered with model {model!r}, expected "
+                    f"{self.model!r}; its vectors are refused",
+                    service=service,
+                    model=model,
+                )
+
+        return check
 
     def _vector(self, raw: Any, where: str, text_index: int) -> list[float]:
         if not isinstance(raw, list):

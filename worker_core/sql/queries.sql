@@ -9,6 +9,12 @@
 -- Serialises concurrent migrate() calls on one schema; released at commit.
 SELECT pg_advisory_xact_lock(hashtext('worker_core.migrate'), hashtext(%(schema)s))
 
+-- name: backend_pid
+-- The server process running this session's statements. A connection pooler
+-- (PgBouncer) hands the client a cancel key of its own at connect time, so this
+-- differs from the pid the client was told: that is how a pooler is recognised.
+SELECT pg_backend_pid()
+
 -- name: migrations_table
 CREATE TABLE IF NOT EXISTS {schema}.schema_migrations (
     version    integer     PRIMARY KEY,
@@ -31,14 +37,16 @@ SELECT extnamespace::regnamespace::text AS schema FROM pg_extension WHERE extnam
 -- One statement per batch: the payloads arrive as one JSON array (parsed by the
 -- server, not adapted item by item), dedupe keys and correlation ids as arrays or
 -- NULL. Ids come back in input order (identity values follow the ORDER BY), and
--- at most one NOTIFY is sent, only when something became claimable now.
+-- at most one NOTIFY is sent, only when something became claimable now. The
+-- initial state is NULL (an empty object) unless tracing stores its context there.
 WITH ins AS (
     INSERT INTO {schema}.jobs
-        (queue, kind, payload, priority, run_at, max_attempts, dedupe_key, correlation_id)
+        (queue, kind, payload, priority, run_at, max_attempts, dedupe_key, correlation_id, state)
     SELECT %(queue)s, %(kind)s, r.payload, %(priority)s,
            coalesce(%(run_at)s::timestamptz, now() + %(delay)s::float8 * interval '1 second', now()),
            %(max_attempts)s, (%(dedupe_keys)s::text[])[r.ord],
-           coalesce((%(correlation_ids)s::text[])[r.ord], gen_random_uuid()::text)
+           coalesce((%(correlation_ids)s::text[])[r.ord], gen_random_uuid()::text),
+           coalesce(%(state)s::jsonb, '{}'::jsonb)
     FROM jsonb_array_elements(%(payloads)s::jsonb) WITH ORDINALITY AS r(payload, ord)
     ORDER BY r.ord
     {on_conflict}
@@ -375,3 +383,13 @@ FROM {schema}.jobs
 WHERE (%(queue)s::text IS NULL OR queue = %(queue)s)
 GROUP BY status, stage
 ORDER BY status, stage
+
+-- name: jobs_by_dedupe_key
+-- For a retried import (`worker-core enqueue --file --dedupe-key-field`): the newest
+-- job of the queue holding each key, in any status, so lines whose job already ran
+-- are skipped too. No index covers finished jobs' keys; an operator command runs it
+-- once per batch of keys.
+SELECT DISTINCT ON (dedupe_key) dedupe_key, id
+FROM {schema}.jobs
+WHERE queue = %(queue)s AND dedupe_key = ANY(%(keys)s::text[])
+ORDER BY dedupe_key, id DESC

@@ -53,28 +53,40 @@ ON CONFLICT {conflict} DO NOTHING
 DROP TABLE {stage}
 
 -- name: missing_embeddings
--- The embed stage's work list, served by the partial index chunks_unembedded_idx.
--- Keyset paging (chunk_index > after) starts each batch where the last ended
--- instead of stepping over index entries of rows filled a moment ago.
+-- The embed stage's work list: chunks of one version without a vector, or with
+-- one made by another recorded model (NULL: a vector from before models were
+-- recorded, kept). Keyset paging (chunk_index > after) starts each batch where
+-- the last ended instead of stepping over index entries of rows filled a moment
+-- ago; chunks_document_idx serves it.
 SELECT id, chunk_index, content
 FROM {schema}.chunks
-WHERE document_id = %(document_id)s AND embedding IS NULL AND chunk_index > %(after)s
+WHERE document_id = %(document_id)s AND version = %(version)s AND chunk_index > %(after)s
+  AND (embedding IS NULL
+       OR (%(model)s::text IS NOT NULL AND embedding_model <> %(model)s::text))
 ORDER BY chunk_index
 LIMIT %(limit)s
 
 -- name: set_embeddings_from_stage
 -- Fenced on embedding IS NULL: a replayed or concurrent embed batch never
--- overwrites a vector that is already stored.
+-- overwrites a vector that is already stored, unless that vector was made by
+-- another recorded model than this batch's (the two must never be mixed).
 UPDATE {schema}.chunks AS c
-SET embedding = {stage}.embedding
+SET embedding = {stage}.embedding, embedding_model = {stage}.embedding_model
 FROM {source}
-WHERE c.id = {stage}.id AND c.embedding IS NULL
+WHERE c.id = {stage}.id
+  AND (c.embedding IS NULL
+       OR (c.embedding_model <> {stage}.embedding_model))
 
 -- name: document_counts
--- chunks: rows stored; embedded: rows with a vector; next_index: one past the
--- highest index (equals chunks when the indexes have no gap).
+-- chunks: rows of the version stored; embedded: rows with a vector of the model
+-- (or of any model when none is given; a vector with no recorded model counts);
+-- next_index: one past the highest index (equals chunks when there is no gap).
 SELECT count(*)::bigint AS chunks,
-       count(embedding)::bigint AS embedded,
+       count(*) FILTER (
+           WHERE embedding IS NOT NULL
+             AND (%(model)s::text IS NULL OR embedding_model IS NULL
+                  OR embedding_model = %(model)s::text)
+       )::bigint AS embedded,
        coalesce(max(chunk_index) + 1, 0)::bigint AS next_index
 FROM {schema}.chunks
-WHERE document_id = %(document_id)s
+WHERE document_id = %(document_id)s AND version = %(version)s
