@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from psycopg import AsyncConnection
 
     from .breaker import BreakerRegistry, CircuitBreaker
-    from .ratelimit import RateLimiterRegistry, TokenBucket
+    from .ratelimit import RateLimiter, RateLimiterRegistry
 
 __all__ = ["InlineRun", "arun_stages", "run_stages"]
 
@@ -82,7 +82,7 @@ class InlineRun:
             self._breakers.add_listener(self.metrics.breaker_changed)
         return self._breakers.get(name)
 
-    def rate_limiter(self, name: str) -> TokenBucket | None:
+    def rate_limiter(self, name: str) -> RateLimiter | None:
         if self._limiters is None:
             from .ratelimit import RateLimiterRegistry
 

@@ -604,6 +604,9 @@ async def cmd_dashboard(args: argparse.Namespace, out: IO[str]) -> int:
         await serve(config, host=args.host, port=args.port, read_only=args.read_only, ready=ready)
     except PermissionError as exc:
         raise CommandError(str(exc)) from None
+    return EXIT_OK
+
+
 async def cmd_sync(args: argparse.Namespace, out: IO[str]) -> int:
     from .ingest.storage import storage_from_config
     from .ingest.sync import sync_prefix

@@ -454,7 +454,12 @@ class Queue(ConsoleMethods):
         """
         limit = _inputs.int_param(limit, "limit", minimum=0)
         wanted = sorted(set(self._queue_names(queue)))  # the lock order of running_room
-        room = [limit if rooms is None else min(_inputs.int_param(rooms.get(n, 0), "room", minimum=0), limit) for n in wanted]
+        room = [
+            limit
+            if rooms is None
+            else min(_inputs.int_param(rooms.get(n, 0), "room", minimum=0), limit)
+            for n in wanted
+        ]
         params: dict[str, Any] = {
             "queues": wanted,
             "rooms": room,

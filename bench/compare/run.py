@@ -979,9 +979,7 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=0, help="override N for enqueue, drain and raw")
     all_scenarios = ["enqueue", "raw", "drain", "sleep", "latency"]
     parser.add_argument("--scenarios", nargs="+", choices=all_scenarios, default=all_scenarios)
-    parser.add_argument(
-        "--libs", nargs="+", choices=[*DRAIN_LIBS, *EXTRA_LIBS], default=DRAIN_LIBS
-    )
+    parser.add_argument("--libs", nargs="+", choices=[*DRAIN_LIBS, *EXTRA_LIBS], default=DRAIN_LIBS)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 10, 50])
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2])
     parser.add_argument(

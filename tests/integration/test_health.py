@@ -48,7 +48,7 @@ class FakeWorker:
         self.config = config
         self.queue = queue
         self.worker_id = "test-host:1:abc123"
-        self.metrics = ProcessingMetrics(config.queue.name)
+        self.metrics = ProcessingMetrics(config.queue.primary)
         self.logger = StructuredLogger("worker_core.worker", worker_id=self.worker_id)
         self.breakers: dict[str, CircuitBreaker] = {}
         self.health_checks: dict[str, HealthCheck] = {}

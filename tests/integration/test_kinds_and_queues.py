@@ -197,7 +197,7 @@ def test_queue_settings_for_several_queues() -> None:
     from pydantic import ValidationError
 
     def config(**queue: Any) -> WorkerConfig:
-        return WorkerConfig(queue=queue)  # type: ignore[arg-type]  # a dict, validated
+        return WorkerConfig(queue=queue)
 
     settings = config(name=["a", "b"], max_running={"b": 3}).queue
     assert settings.names == ("a", "b") and settings.primary == "a"

@@ -59,7 +59,7 @@ def maintenance(
     queue: Queue, config: WorkerConfig, metrics: ProcessingMetrics | None = None
 ) -> Maintenance:
     """The component a running worker prunes and vacuums with, on ``queue``."""
-    metrics = metrics or ProcessingMetrics(config.queue.name)
+    metrics = metrics or ProcessingMetrics(config.queue.primary)
     return Maintenance(queue, config, metrics, StructuredLogger("worker_core.worker"))
 
 

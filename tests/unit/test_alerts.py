@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -13,7 +14,7 @@ from worker_core.alerts import AlertState, Notification, WebhookSender, describe
 
 
 def run(
-    values: list[float], *, threshold: float = 0.0, for_seconds: float = 0.0,
+    values: Sequence[float], *, threshold: float = 0.0, for_seconds: float = 0.0,
     resolve_after: float = 0.0, every: float = 10.0,
 ) -> list[str]:  # fmt: skip
     """Evaluate ``values`` one per tick; return the announcements made, in order."""

@@ -283,6 +283,8 @@ def test_console_defaults_match_the_contract() -> None:
     assert (c.dashboard.host, c.dashboard.port) == ("127.0.0.1", 8787)
     assert (c.history.enabled, c.history.retention_days) == (True, 14)
     assert c.alerts.webhook_url is None and c.alerts.rules() == {}
+
+
 # -- finite floats and upper bounds (issue 12) -----------------------------------------
 def _section_fields() -> list[tuple[str, str, Any]]:
     """``(section, field, FieldInfo)`` for every field of every section model."""
@@ -442,11 +444,19 @@ def test_console_env_loading(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_production_refuses_a_plain_http_webhook() -> None:
-    base = {"environment": "production", "database": {"dsn": "postgresql://u:p@db/x"}}
+    base: dict[str, Any] = {
+        "environment": "production",
+        "database": {"dsn": "postgresql://u:p@db/x"},
+    }
     with pytest.raises(ValidationError, match=r"webhook_url must use https"):
         WorkerConfig(**base, alerts={"webhook_url": "http://hooks.example/x"})
     WorkerConfig(**base, alerts={"webhook_url": "http://127.0.0.1:9/x"})
     WorkerConfig(**base, alerts={"webhook_url": "https://hooks.example/x"})
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
         ({"queue": {"lease_seconds": 10 * 86_400}}, "queue.lease_seconds"),
         ({"queue": {"poll_interval": 1e9}}, "queue.poll_interval"),
         ({"queue": {"max_payload_bytes": 1 << 40}}, "queue.max_payload_bytes"),

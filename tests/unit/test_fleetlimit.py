@@ -7,6 +7,7 @@ import asyncio
 import heapq
 import itertools
 import math
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -113,7 +114,12 @@ def test_it_is_a_rate_limiter(fake: FakeTime) -> None:
     for n in (0, 6, True, 1.5):
         with pytest.raises(ValueError, match="cannot take"):
             FleetBucket(1.0, 5, name="x").wait_time(n)  # type: ignore[arg-type]
-    for bad in ({"horizon": math.nan}, {"token_ttl": 0.0}, {"retry_interval": -1.0}):
+    bads: list[dict[str, Any]] = [
+        {"horizon": math.nan},
+        {"token_ttl": 0.0},
+        {"retry_interval": -1.0},
+    ]
+    for bad in bads:
         with pytest.raises(ValueError, match="out of range"):
             FleetBucket(1.0, 1, name="x", **bad)
     with pytest.raises(ValueError, match="rate must be a positive number"):

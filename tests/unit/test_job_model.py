@@ -52,7 +52,7 @@ def test_every_effective_event_is_a_legal_move_from_running(event: Transition, a
 
 
 def test_the_rendered_finish_table_follows_effective_event() -> None:
-    from worker_core.queue import _transitions
+    from worker_core._statements import _transitions
 
     text = _transitions().as_string(None)
     rows = text.removeprefix("(VALUES ").removesuffix(")").split("), (")

@@ -94,9 +94,12 @@ def test_a_timezone_shifts_the_slots() -> None:
     assert paris.next_runs(T0) == [datetime(2030, 1, 2, 8, 0, tzinfo=UTC)]  # 09:00 CET
 
 
-def fire_through(schedule: Schedule, start: datetime, end: datetime, step: timedelta) -> list:
+def fire_through(
+    schedule: Schedule, start: datetime, end: datetime, step: timedelta
+) -> list[datetime]:
     """What a worker ticking every ``step`` from ``start`` to ``end`` fires."""
-    last, now, fired = start, start, []
+    last, now = start, start
+    fired: list[datetime] = []
     while now <= end:
         plan = schedule.plan(last, now)
         fired += plan.fire
@@ -161,7 +164,7 @@ def test_fall_back_day() -> None:
 
 
 def test_missed_slot_policies() -> None:
-    hourly = {"name": "h", "cron": "0 * * * *", "payload": {}}
+    hourly: dict[str, Any] = {"name": "h", "cron": "0 * * * *", "payload": {}}
     now = T0 + timedelta(hours=5, minutes=30)  # down from 10:00 to 15:30: 5 slots missed
     latest = Schedule(**hourly).plan(T0, now)
     assert latest.fire == (T0 + timedelta(hours=5),)
