@@ -6,7 +6,9 @@ connection (``database.listen_dsn`` when set, else ``database.dsn``); every late
 wait of the same Queue shares it, until ``Queue.close()``. While the connection
 is down, or reconnecting, waiters fall back to reading their job every
 ``queue.poll_interval``; each time it comes back, every waiter reads its job
-once (a NOTIFY sent meanwhile is lost).
+once (a NOTIFY sent meanwhile is lost). A connection that reaches PostgreSQL
+through a pooler (PgBouncer), where LISTEN never delivers, is closed at once and
+waiters poll: set ``database.listen_dsn`` to the server itself to be woken.
 """
 
 from __future__ import annotations
@@ -38,13 +40,15 @@ class Waiter:
         self._task: asyncio.Task[None] | None = None
         self._log = StructuredLogger("worker_core.queue")
         self._rng = random.Random()
+        #: The LISTEN target is a pooler: never LISTEN, waiters poll.
+        self._pooled = False
 
     @contextlib.contextmanager
     def watch(self, job_id: int) -> Iterator[asyncio.Event]:
         """An event set whenever job ``job_id`` may have ended, while the block runs."""
         event = asyncio.Event()
         self._events.setdefault(job_id, set()).add(event)
-        if self._task is None or self._task.done():
+        if not self._pooled and (self._task is None or self._task.done()):
             self._task = asyncio.create_task(self._listen(), name="worker_core.wait")
         try:
             yield event
@@ -80,17 +84,29 @@ class Waiter:
     async def _listen(self) -> None:
         from psycopg import AsyncConnection, sql
 
+        from ._connect import behind_pooler
+
         database = self._config.database
         delay = 0.1
         while True:
             conn = None
             try:
+                dsn = self._config.listen_dsn()
                 conn = await AsyncConnection.connect(
-                    self._config.listen_dsn(),
+                    dsn,
                     autocommit=True,
-                    connect_timeout=max(1, int(database.connect_timeout)),
                     application_name=f"{database.application_name}.wait"[:63],
+                    # Keepalives and connect_timeout, as on every connection of ours.
+                    **database.connection_params(dsn),
                 )
+                if await behind_pooler(conn):
+                    self._pooled = True
+                    self._log.warning(
+                        "wait: the LISTEN target is a connection pooler, where "
+                        "notifications never arrive; waits poll every queue.poll_interval "
+                        "(set database.listen_dsn to the server itself)"
+                    )
+                    return
                 await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self._channel)))
                 self._up.set()
                 delay = 0.1

@@ -1,8 +1,8 @@
 """Nothing worker_core sends keeps state in the database session, so every
 statement works through a transaction pooler (PgBouncer ``pool_mode=transaction``),
 where consecutive transactions of one client may run on different server
-connections. (LISTEN is the one exception; it lives in the notifier only, which
-refuses a pooled target.) tests/scale/test_pgbouncer.py runs the real thing.
+connections. (LISTEN is the one exception; the notifier and the waiter of
+``Queue.wait`` use it, and both refuse a pooled target.) tests/scale/test_pgbouncer.py runs the real thing.
 """
 
 from __future__ import annotations
@@ -46,17 +46,29 @@ def _chunks(path: Path) -> list[str]:
     return [_without_comments(text)]
 
 
+#: Session state set only after ``behind_pooler(conn)`` said the connection is direct.
+GUARDED = {"dashboard/_guard.py": "behind_pooler(conn)"}
+
+
 @pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(PACKAGE)))
 def test_no_session_state(path: Path) -> None:
+    guard = GUARDED.get(str(path.relative_to(PACKAGE)))
     for chunk in _chunks(path):
         for pattern, what in SESSION_STATE.items():
             match = re.search(pattern, chunk)
+            if match is not None and guard is not None:
+                before = chunk[: match.start()].rsplit("\n", 3)
+                assert any(f"if not await {guard}" in line for line in before), path.name
+                continue
             assert match is None, f"{path.name}: {what}: {match.group(0)!r}"
 
 
-def test_listen_only_in_the_notifier() -> None:
-    users = [p.name for p in SOURCES if re.search(r"[\"']LISTEN \{", p.read_text())]
-    assert users == ["_notifier.py"]
+def test_listen_only_where_a_pooler_is_refused() -> None:
+    # LISTEN never delivers through a pooler: each user checks behind_pooler first.
+    users = [p for p in SOURCES if re.search(r"[\"']LISTEN \{", p.read_text())]
+    assert sorted(p.name for p in users) == ["_notifier.py", "_waiter.py"]
+    for path in users:
+        assert "behind_pooler(conn)" in path.read_text(), path.name
 
 
 @pytest.mark.parametrize(

@@ -125,11 +125,16 @@ async def _open_pool(config: WorkerConfig) -> AsyncConnectionPool:
     from psycopg import AsyncConnection
     from psycopg_pool import AsyncConnectionPool
 
+    from .._connect import behind_pooler
+
     timeout_ms = int(config.dashboard.statement_timeout * 1000)
 
     async def configure(conn: AsyncConnection[Any]) -> None:
         # A slow dashboard query gives up instead of holding a connection or locks.
-        await conn.execute(f"SET statement_timeout = {timeout_ms}")
+        # A session setting: never through a pooler, where it would stick to a server
+        # connection other clients get next (the pages then run without the limit).
+        if not await behind_pooler(conn):
+            await conn.execute(f"SET statement_timeout = {timeout_ms}")
 
     db = config.database
     pool = AsyncConnectionPool(
