@@ -125,7 +125,7 @@ async def _open_pool(config: WorkerConfig) -> AsyncConnectionPool:
     from psycopg import AsyncConnection
     from psycopg_pool import AsyncConnectionPool
 
-    from .._connect import behind_pooler
+    from worker_core._connect import behind_pooler
 
     timeout_ms = int(config.dashboard.statement_timeout * 1000)
 
