@@ -224,14 +224,12 @@ def _open_pool(config: WorkerConfig) -> ConnectionPool:
     from ._connect import connect_failure_hint, server_message
 
     db = config.database
-    where = mask_dsn(config.dsn())
+    dsn = config.dsn()
+    where = mask_dsn(dsn)
     last_error: str | None = None
     try:  # one direct connection first: a wrong password fails now, with its reason
         Connection.connect(
-            config.dsn(),
-            autocommit=True,
-            application_name=db.application_name,
-            connect_timeout=max(1, int(db.connect_timeout)),
+            dsn, autocommit=True, application_name=db.application_name, **db.connection_params(dsn)
         ).close()
     except Exception as exc:
         last_error = redact_text(server_message(exc), config.secrets())
@@ -241,7 +239,7 @@ def _open_pool(config: WorkerConfig) -> ConnectionPool:
                 f"cannot connect to PostgreSQL at {where}: {last_error} (hint: {hint})"
             ) from None
     pool = ConnectionPool(
-        config.dsn(),
+        dsn,
         min_size=db.pool_min_size,
         max_size=max(db.pool_max_size, db.pool_min_size),
         open=False,
@@ -249,7 +247,8 @@ def _open_pool(config: WorkerConfig) -> ConnectionPool:
             "autocommit": True,
             "prepare_threshold": db.prepare_threshold,
             "application_name": db.application_name,
-            "connect_timeout": max(1, int(db.connect_timeout)),
+            # TCP keepalives and the connect timeout, as on the async pool.
+            **db.connection_params(dsn),
         },
         name=f"worker_core.sync.{db.schema}",
         configure=_configure_connection,
@@ -269,7 +268,17 @@ def _open_pool(config: WorkerConfig) -> ConnectionPool:
 
 def _configure_connection(conn: Connection[Any]) -> None:
     # The async pool's reasoning: orjson parses the jsonb columns faster when installed.
-    from ._connect import _ORJSON_LOADS
+    from ._connect import _BACKEND_PID, _ORJSON_LOADS
 
     if _ORJSON_LOADS is not None:
         set_json_loads(_ORJSON_LOADS, conn)
+    if conn.prepare_threshold is not None and sync_behind_pooler(conn, _BACKEND_PID):
+        # Behind a transaction pooler prepared statements do not survive from one
+        # transaction to the next (see _connect.open_pool): turn them off.
+        conn.prepare_threshold = None
+
+
+def sync_behind_pooler(conn: Connection[Any], query: bytes) -> bool:
+    """``_connect.behind_pooler`` for a blocking connection."""
+    row = conn.execute(query, prepare=False).fetchone()
+    return row is not None and int(row[0]) != conn.info.backend_pid

@@ -29,7 +29,7 @@ from infra import (
     worker_env,
 )
 
-from worker_core import Queue, WorkerConfig
+from worker_core import Queue, SyncQueue, WorkerConfig
 
 pytestmark = pytest.mark.slow
 
@@ -61,6 +61,15 @@ async def test_prepared_statements_are_off_behind_pgbouncer(
         assert [job.payload["i"] for job in jobs if job] == list(range(200))
         async with queue.connection() as conn:
             assert conn.prepare_threshold is None
+
+    def from_a_thread() -> list[int]:  # SyncQueue, as a web app would use it
+        with SyncQueue(pooled) as sync:
+            ids = [sync.enqueue({"sync": i}) for i in range(50)]
+            with sync.connection() as conn:
+                assert conn.prepare_threshold is None
+            return [job.payload["sync"] for i in ids if (job := sync.get(i))]
+
+    assert await asyncio.to_thread(from_a_thread) == list(range(50))
     async with (
         Queue(make_config(database={"schema": schema})) as direct,
         direct.connection() as conn,
