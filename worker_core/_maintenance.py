@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -57,6 +58,7 @@ class Maintenance:
         self._rng = rng or random.Random()
         self._may_not_vacuum = False  # the role does not own the jobs table
         self._reread_paused = asyncio.Event()
+        self._beat_now = asyncio.Event()
 
     # -- leases ----------------------------------------------------------------------
     async def heartbeat_loop(
@@ -71,7 +73,10 @@ class Maintenance:
         rescue_every = max(min(queue_cfg.lease_seconds / 2, 30.0), queue_cfg.heartbeat_seconds)
         last_rescue = time.monotonic()
         while True:
-            await asyncio.sleep(queue_cfg.heartbeat_seconds)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(queue_cfg.heartbeat_seconds):
+                    await self._beat_now.wait()
+            self._beat_now.clear()
             try:
                 await self.heartbeat(leases, lost, cancelled)
                 if time.monotonic() - last_rescue >= rescue_every:
@@ -107,15 +112,18 @@ class Maintenance:
             cancelled(asked)
 
     # -- paused queues -------------------------------------------------------------
-    def paused_stale(self) -> None:
-        """Read the paused queues again soon (LISTEN reconnected: a NOTIFY may be lost)."""
+    def listen_connected(self) -> None:
+        """LISTEN is (again) up: what was announced before it was may be lost, so read
+        the paused queues and renew the leases now (the renewal reports the cancel
+        requests of running jobs) instead of at the next poll or heartbeat."""
         self._reread_paused.set()
+        self._beat_now.set()
 
     async def paused_loop(
         self, listening: Callable[[], bool], apply: Callable[[list[str], bool], None]
     ) -> None:
         """Tell ``apply`` which of the worker's queues are paused and which are not:
-        at start, after ``paused_stale()``, and every poll interval while not
+        at start, after ``listen_connected()``, and every poll interval while not
         ``listening()``."""
         names = set(self._config.queue.names)
         while True:

@@ -275,7 +275,7 @@ class Runtime:
             notifier = self._notifier = Notifier(
                 config, queue, self._log, on_work=dispatcher.notify,
                 on_breaker_trip=self._breaker_tripped_elsewhere, on_cancel=dispatcher.cancel,
-                on_pause=dispatcher.set_paused, on_connect=maintenance.paused_stale,
+                on_pause=dispatcher.set_paused, on_connect=maintenance.listen_connected,
                 rng=parts.rng, enabled=listening,
             )  # fmt: skip
 

@@ -188,6 +188,8 @@ async def test_a_cancel_nobody_requested_releases_the_job(
     async with running(worker):
         await asyncio.wait_for(hold.started.wait(), 10)
         hold.started.clear()
+        # Nothing in the database backs this cancel, so only a listening worker hears it.
+        await wait_for(_async(lambda: worker.snapshot().listener_connected), what="LISTEN")
         async with queue.connection() as conn:
             await conn.execute(
                 "SELECT pg_notify(%s, json_build_object('op', 'cancel', 'id', %s::int)::text)",
