@@ -69,12 +69,15 @@ _URL_PASSWORD = re.compile(r"(?P<pre>\b[a-zA-Z][a-zA-Z0-9+.\-]*://[^:/?#@\s]*:)(
 # ?password=...&next=... in a URL's query string: percent-encoded, so "&" ends it.
 _QUERY_SECRET = re.compile(rf"(?P<key>[?&][\w\-]*{_SECRET_WORD}[\w\-]*=)(?P<val>[^&#\s]*)", re.I)
 # key=value pairs in free text and libpq DSNs. The value is quoted (with backslash
-# escapes inside) or runs to the first unescaped blank, as libpq reads it. A run of
+# escapes inside; a closing quote followed by more of a word, as in ""0, is no
+# quote: the value is then unquoted) or runs to the first unescaped blank, as libpq
+# reads it. A run of
 # backslashes escapes the next character: repr() doubles each backslash, and a
 # repr'd DSN (in a traceback) must not leave the tail after "Se\\ " behind.
 _KV_SECRET = re.compile(
     rf"(?<![?&\w\-])(?P<key>\b[\w\-]*{_SECRET_WORD}[\w\-]*[\"']?\s*[=:]\s*)"
-    r"(?:(?P<q>[\"'])(?:\\+.|(?!(?P=q))[^\\])*(?:(?P=q)|$)|(?P<val>(?:\\+.|[^\s\\])+\\*))",
+    r"(?:(?P<e>\\*)(?P<q>[\"'])(?:\\+.|(?!(?P=q))[^\\])*(?:(?P=q)(?=[\s,;:)}\]&'\"\\]|$)|$)"
+    r"|(?P<val>(?:\\+.|[^\s\\])+\\*))",
     re.IGNORECASE | re.DOTALL,
 )
 # Every key the pair rules can match contains one of these.
@@ -113,10 +116,21 @@ def redact_text(text: str, secrets: Iterable[str] = ()) -> str:
 
 
 def _mask_pair(m: re.Match[str]) -> str:
-    quote = m["q"] or ""
-    # An unclosed quote was masked to the end of the text: do not invent its close.
-    closing = quote if quote and len(m[0]) > len(m["key"]) + 1 and m[0].endswith(quote) else ""
-    return f"{m['key']}{quote}{MASK}{closing}"
+    key = m["key"]
+    if m.start() and m.string[m.start() - 1] in "/@" and "=" not in key:
+        # "scheme://pwd:..." or "...@pwd:5432": a URL's user or host and its ":", not a
+        # pair (the URL's password, if any, was masked by the URL rule already).
+        return m[0]
+    if not m["q"]:
+        return f"{key}{MASK}"
+    # The opening quote, with the backslashes repr() put before it ("password=\\'x\\'").
+    opening = (m["e"] or "") + m["q"]
+    if m[0].endswith(m["q"]) and len(m[0]) > len(key) + len(opening):
+        return f"{key}{opening}{MASK}{opening}"
+    # An unclosed quote, masked to the end of the text: the quote (and backslashes
+    # before it) may be the value's own first characters (libpq quotes with ' only,
+    # and an unquoted value may start with " or \\), so they go too.
+    return f"{key}{MASK}"
 
 
 def mask_dsn(dsn: str) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from aiohttp import web
+from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
@@ -18,7 +19,14 @@ TOKEN = "browser-test-token-0123456789"
 
 
 def wait(driver: Any, timeout: float = 20) -> WebDriverWait[Any]:
-    return WebDriverWait(driver, timeout, poll_frequency=0.1)
+    # An element found just before the page navigated (a POST's redirect) or the live
+    # refresh replaced it goes stale: look again at the next poll.
+    return WebDriverWait(
+        driver,
+        timeout,
+        poll_frequency=0.1,
+        ignored_exceptions=(NoSuchElementException, StaleElementReferenceException),
+    )
 
 
 def status_of(served: Served, job_id: int) -> JobStatus:

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
@@ -96,7 +97,9 @@ def test_overview_screenshot_under_load(page: Any, serve: Any, tmp_path: Path) -
     try:
         page.set_window_size(1300, 1000)
         page.get(served.url("/"))
-        wait = WebDriverWait(page, 30, poll_frequency=0.2)
+        # The live refresh replaces the counts the waits read: a stale one is read again.
+        stale = (NoSuchElementException, StaleElementReferenceException)
+        wait = WebDriverWait(page, 30, poll_frequency=0.2, ignored_exceptions=stale)
 
         # Under load: some jobs done, some running, some still waiting, on every queue.
         def loaded(driver: Any) -> bool:
@@ -121,6 +124,6 @@ def test_overview_screenshot_under_load(page: Any, serve: Any, tmp_path: Path) -
             served.run(w.stop(), 60)
         served.run(_all(tasks), 60)
     page.get(served.url("/"))
-    WebDriverWait(page, 20).until(
+    WebDriverWait(page, 20, ignored_exceptions=stale).until(
         lambda d: counts_on_page(d) == served.run(counts_in_db(served.queue))
     )

@@ -314,6 +314,8 @@ async def test_stale_worker_completion_is_rejected_by_the_fence(
     stale = Worker(config, [Step("work", blocked)])
     async with running(stale):
         await asyncio.wait_for(started.wait(), 10)
+        # LISTEN coming up renews the leases once: let that pass before the lease goes.
+        await wait_for(lambda: _value(stale.snapshot().listener_connected), what="LISTEN")
         async with queue.connection() as conn:  # the lease runs out (as if the worker hung)
             await conn.execute(
                 sql.SQL("UPDATE {}.jobs SET lease_expires_at = now() - interval '1 s'").format(
