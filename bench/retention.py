@@ -67,7 +67,9 @@ class Variant:
             return cls(text, reindex_every=float(value))
         if key == "reindex-all":
             every = float(value)
-            return cls(text, None, every, ("jobs_claim_idx", "jobs_lease_idx", "jobs_finished_idx"))
+            return cls(
+                text, None, every, ("jobs_claim_idx", "jobs_running_lease_idx", "jobs_finished_idx")
+            )
         raise argparse.ArgumentTypeError(f"unknown variant {text!r}")
 
 

@@ -146,8 +146,8 @@ async def test_heartbeat_and_finish_find_rows_by_primary_key_with_a_large_backlo
     queue: Queue,
 ) -> None:
     # 200,000 finished jobs and 20,000 running ones (other workers' leases): the
-    # token fence also names status 'running', which must not lead the planner to
-    # the partial lease index (and its dead entries) instead of the primary key.
+    # token fence implies status 'running', which must not lead the planner to the
+    # partial index of running jobs (and its dead entries) instead of the primary key.
     await execute(
         queue,
         "INSERT INTO {schema}.jobs (queue, status, payload, finished_at) "
@@ -181,13 +181,48 @@ async def test_heartbeat_and_finish_find_rows_by_primary_key_with_a_large_backlo
         finish = "\n".join(r[0] for r in await cur.fetchall())
     for plan in (heartbeat, finish):
         assert "jobs_pkey" in plan, plan
-        assert "jobs_lease_idx" not in plan and "Seq Scan on jobs" not in plan, plan
-        assert "jobs_running_idx" not in plan, plan
+        assert "jobs_running_lease_idx" not in plan and "Seq Scan on jobs" not in plan, plan
     assert await queue.heartbeat(leases, lease_seconds=30) == {t for _, t in leases}
 
 
+async def test_finish_finds_rows_by_primary_key_when_statistics_saw_no_running_job(
+    queue: Queue,
+) -> None:
+    # The table was analyzed while nothing ran (a backlog just enqueued), then a
+    # worker claimed hundreds: the statistics put ~no row in the index of running
+    # jobs, so a `status = 'running'` condition in finish would walk all of them for
+    # every outcome (it did: finish cost grew with the concurrency).
+    await queue.enqueue_many([{"i": i} for i in range(20000)])
+    await execute(queue, "ANALYZE {schema}.jobs")
+    jobs = await queue.claim("w", 500, lease_seconds=30)
+    batch = jobs[:50]  # a worker's flush at concurrency 50
+    leases = [(j.id, j.lease_token or "") for j in batch]
+    async with queue.connection() as conn:
+        cur = await conn.execute(
+            b"EXPLAIN " + queue._sql["heartbeat"],
+            {"ids": [i for i, _ in leases], "tokens": [t for _, t in leases], "lease": 30.0},
+        )
+        heartbeat = "\n".join(r[0] for r in await cur.fetchall())
+        cur = await conn.execute(
+            b"EXPLAIN " + queue._sql["finish"],
+            {
+                "outcomes": outcomes_json([succeed(j, stage=None, state=None) for j in batch]),
+                "keep_errors": 16,
+                "channel": queue.channel,
+                "done_channel": queue.done_channel,
+            },
+        )
+        finish = "\n".join(r[0] for r in await cur.fetchall())
+    for plan in (heartbeat, finish):
+        assert "jobs_pkey" in plan and "jobs_running_lease_idx" not in plan, plan
+    written = await queue.finish([succeed(j, stage=None, state=None) for j in jobs])
+    assert written == {j.lease_token for j in jobs}
+
+
 async def _explain(queue: Queue) -> list[str]:
-    """The plan of the worker's own claim statement, as it runs."""
+    """The plans of the worker's own claim statements, as they run: the general one
+    and the one of a single queue without kinds or max_running."""
+    lines = []
     async with queue.connection() as conn:
         cur = await conn.execute(
             b"EXPLAIN " + queue._sql["claim"],
@@ -200,7 +235,14 @@ async def _explain(queue: Queue) -> list[str]:
                 "lease": 30.0,
             },
         )
-        return [r[0] for r in await cur.fetchall()]
+        lines += [r[0] for r in await cur.fetchall()]
+        cur = await conn.execute(
+            b"EXPLAIN " + queue._sql["claim_one"],
+            {"queue": "test", "limit": 10, "owner": "w", "lease": 30.0},
+        )
+        one = [r[0] for r in await cur.fetchall()]
+    assert any("jobs_claim_idx" in line for line in one), one
+    return lines + one
 
 
 async def dead_rows(queue: Queue) -> int:
