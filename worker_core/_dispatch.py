@@ -59,6 +59,8 @@ class Dispatcher:
         #: The kinds this worker claims (None: any kind).
         self._kinds = kinds
         self._names = config.queue.names
+        #: Queues with a fleet-wide max_running (a finished run of one may free a slot).
+        self._capped = frozenset(n for n in self._names if config.queue.cap(n) is not None)
         #: Queues an operator paused, as last heard (NOTIFY or poll), and when this
         #: worker heard it; the claim itself skips paused queues, this holds back
         #: what is already buffered or was claimed just before the pause.
@@ -305,7 +307,7 @@ class Dispatcher:
         self._by_task.pop(task, None)
         if self._latest.get(run.job.id) is run:
             del self._latest[run.job.id]
-        if self._config.queue.cap(run.job.queue) is not None:
+        if self._capped and run.job.queue in self._capped:
             # A fleet-wide slot of a capped queue is free: jobs the cap held back may
             # be claimable although the last claim came back short.
             self.maybe_work = True
