@@ -9,6 +9,9 @@
   returns the jobs of dead or hung workers (``Queue.rescue_expired``);
 - prune: finished jobs past retention, in batches, one worker at a time;
 - vacuum: the jobs table once it holds ``maintenance.vacuum_dead_rows`` dead rows;
+- reindex: the claim index, rebuilt concurrently once it has grown to
+  ``maintenance.reindex_claim_index_factor`` times what its entries need, one
+  worker of the fleet at a time (a lease row, so it works through PgBouncer);
 - console: the metrics history flush, the workers-registry refresh and the alert
   evaluator (``worker_core.console``), each off when not configured.
 """
@@ -16,10 +19,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import random
+import secrets
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
+
+from psycopg import sql
 
 from .config import WorkerConfig
 from .jobs import JobStatus
@@ -34,6 +43,17 @@ if TYPE_CHECKING:
 __all__ = ["Maintenance"]
 
 Leases = Callable[[], list[tuple[int, str]]]
+
+#: The claim index is rebuilt only past this size (a small index costs nothing).
+REINDEX_MIN_BYTES = 1 << 20
+#: What one entry of the claim index needs on a freshly built index (a key of
+#: queue, priority, run_at and id, the tuple header and line pointer, fillfactor
+#: 90): the yardstick for "this many times the size its entries need".
+CLAIM_INDEX_ENTRY_BYTES = 64
+#: The fleet-wide lease a rebuild holds (renewed while it runs); a worker that dies
+#: mid-rebuild frees it after this long, and the next rebuild drops its leftovers.
+REINDEX_LEASE = "reindex_claim_index"
+REINDEX_LEASE_SECONDS = 300.0
 
 
 class Maintenance:
@@ -56,6 +76,8 @@ class Maintenance:
         self._logger = logger
         self._rng = rng or random.Random()
         self._may_not_vacuum = False  # the role does not own the jobs table
+        self._may_not_reindex = False
+        self._owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self._reread_paused = asyncio.Event()
 
     # -- leases ----------------------------------------------------------------------
@@ -171,6 +193,15 @@ class Maintenance:
                 settings.vacuum_check_interval, self.vacuum, "vacuuming the jobs table failed"
             )
 
+    async def reindex_loop(self) -> None:
+        settings = self._config.maintenance
+        if settings.reindex_claim_index_factor is not None:
+            await self._every(
+                settings.reindex_check_interval,
+                self.reindex,
+                "rebuilding the claim index failed",
+            )
+
     async def _every(
         self, interval: float, action: Callable[[], Awaitable[object]], failed: str
     ) -> None:
@@ -228,6 +259,90 @@ class Maintenance:
                 seconds=round(time.monotonic() - started, 3),
             )
         return dead_rows
+
+    async def reindex(self) -> tuple[int, int] | None:
+        """Rebuild the claim index (``REINDEX INDEX CONCURRENTLY``) when it is
+        ``maintenance.reindex_claim_index_factor`` times the size its live entries
+        need and over ``REINDEX_MIN_BYTES``, unless another worker is rebuilding it;
+        returns its size in bytes before and after, or None when it did not.
+
+        Why: VACUUM removes the dead entries of claimed jobs but gives an index page
+        back only once it is empty, and the claim scan starts at the end where the
+        oldest jobs were. Concurrently: claims and outcome writes go on meanwhile.
+        One worker at a time through a lease row (not an advisory lock: REINDEX
+        CONCURRENTLY cannot run in a transaction, and a session lock does not
+        survive PgBouncer's transaction pooling). Invalid copies left by an
+        interrupted rebuild are dropped first.
+        """
+        factor = self._config.maintenance.reindex_claim_index_factor
+        if factor is None or self._may_not_reindex:
+            return None
+        queue, schema = self._queue, self._queue.schema
+        size = await self._claim_index_size()
+        if size is None:
+            return None
+        before, entries, may_reindex = size
+        if before < max(REINDEX_MIN_BYTES, factor * entries * CLAIM_INDEX_ENTRY_BYTES):
+            return None
+        if not may_reindex:
+            self._may_not_reindex = True
+            self._logger.warning(
+                "not rebuilding the claim index: this role does not own the jobs table"
+            )
+            return None
+        held, _ = await queue.take_lease(REINDEX_LEASE, self._owner, REINDEX_LEASE_SECONDS)
+        if not held:
+            return None
+        started = time.monotonic()
+        renew = asyncio.create_task(self._renew_reindex_lease())
+        try:
+            async with queue.connection() as conn:
+                cur = await conn.execute(queue._sql["claim_index_leftovers"], {"schema": schema})
+                for (name,) in await cur.fetchall():
+                    self._logger.warning("dropping an interrupted rebuild's index", index=name)
+                    await conn.execute(
+                        sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}.{}").format(
+                            sql.Identifier(schema), sql.Identifier(name)
+                        ),
+                        prepare=False,
+                    )
+                await conn.execute(
+                    sql.SQL("REINDEX INDEX CONCURRENTLY {}.jobs_claim_idx").format(
+                        sql.Identifier(schema)
+                    ),
+                    prepare=False,
+                )
+        finally:
+            renew.cancel()
+            await asyncio.gather(renew, return_exceptions=True)
+            with contextlib.suppress(Exception):
+                await queue.release_lease(REINDEX_LEASE, self._owner)
+        after = await self._claim_index_size()
+        after_bytes = after[0] if after is not None else 0
+        self._logger.info(
+            "rebuilt the claim index",
+            bytes_before=before,
+            bytes_after=after_bytes,
+            entries=int(entries),
+            seconds=round(time.monotonic() - started, 3),
+        )
+        return before, after_bytes
+
+    async def _claim_index_size(self) -> tuple[int, float, bool] | None:
+        async with self._queue.connection() as conn:
+            cur = await conn.execute(
+                self._queue._sql["claim_index_size"], {"schema": self._queue.schema}
+            )
+            row = await cur.fetchone()
+        if row is None:
+            return None
+        return int(row[0]), float(row[1]), bool(row[2])
+
+    async def _renew_reindex_lease(self) -> None:
+        while True:
+            await asyncio.sleep(REINDEX_LEASE_SECONDS / 3)
+            with contextlib.suppress(Exception):
+                await self._queue.take_lease(REINDEX_LEASE, self._owner, REINDEX_LEASE_SECONDS)
 
     async def prune(self, *, max_batches: int | None = None) -> int:
         """Delete finished jobs past retention in batches of ``maintenance.batch_size``
