@@ -160,24 +160,24 @@ RETURNING j.id, j.queue, j.payload, j.status, j.stage, j.state, j.attempt, j.max
           j.lease_expires_at, j.lease_token::text, j.errors_dropped, j.kind
 
 -- name: claim_one
--- The claim of the common case: one queue, any kind, no max_running. Its plan is
--- one scan of jobs_claim_idx in claim order (no per-queue CTE, lateral or sort),
--- and the paused check is a one-time probe of paused_queues before the scan. The
--- same row lock, fresh lease_token and returned columns as `claim`.
-WITH picked AS MATERIALIZED (
+-- The claim of the common case: one queue, any kind, no max_running. The rows are
+-- picked and locked by one scan of jobs_claim_idx in claim order (an InitPlan: no
+-- CTE, join, lateral or sort to plan; the claim is planned at every call, so that
+-- is a third less planning), after a one-time probe of paused_queues, then
+-- updated by primary key. The same row lock, fresh lease_token and returned
+-- columns as `claim`.
+UPDATE {schema}.jobs AS j
+SET status = 'running', attempt = j.attempt + 1, lease_owner = %(owner)s,
+    lease_token = {lease_token},
+    lease_expires_at = now() + %(lease)s::float8 * interval '1 second', updated_at = now()
+WHERE j.id = ANY(ARRAY(
     SELECT q.id FROM {schema}.jobs AS q
     WHERE q.queue = %(queue)s AND q.status = 'queued' AND q.run_at <= now()
       AND NOT EXISTS (SELECT 1 FROM {schema}.paused_queues AS p WHERE p.queue = %(queue)s)
     ORDER BY q.priority DESC, q.run_at, q.id
     LIMIT %(limit)s
     FOR NO KEY UPDATE SKIP LOCKED
-)
-UPDATE {schema}.jobs AS j
-SET status = 'running', attempt = j.attempt + 1, lease_owner = %(owner)s,
-    lease_token = {lease_token},
-    lease_expires_at = now() + %(lease)s::float8 * interval '1 second', updated_at = now()
-FROM picked
-WHERE j.id = picked.id
+))
 -- The columns come back in the field order of worker_core.jobs.Job.
 RETURNING j.id, j.queue, j.payload, j.status, j.stage, j.state, j.attempt, j.max_attempts,
           j.deferrals, j.priority, j.run_at, j.correlation_id, j.last_error, j.errors,
@@ -254,54 +254,53 @@ RETURNING j.lease_token::text, j.cancel_requested_at IS NOT NULL
 -- not a status: the new status, and whether the attempt is refunded or a deferral
 -- counted, come from {transitions}, the table rendered from worker_core.jobs: one
 -- row per event, each column a pair [without, with a cancel request] (with one,
--- an outcome that would queue the job again cancels it), indexed by 1 + whether a cancel is requested.
+-- an outcome that would queue the job again cancels it), indexed by {cancel_pair}.
 -- A status change the table does not allow is not written. Delays are computed on
 -- the database clock, so worker clock skew cannot move run_at. Error histories
 -- keep the first and the latest %(keep_errors)s records (append_error, called only
 -- for an outcome that brings an error: the planner does not inline it). The same
 -- statement wakes idle workers of each queue that has a job ready again, and
--- tells waiters (Queue.wait) of each waited-for job that finished.
+-- tells waiters (Queue.wait) of each waited-for job that finished: NOTIFYs from
+-- its RETURNING list, sent at commit (the server delivers a notification repeated
+-- in one transaction once), with no CTE or aggregate to run when nothing is told.
 WITH o AS (
     SELECT * FROM jsonb_to_recordset(%(outcomes)s::jsonb) AS o(
         id bigint, token uuid, event text, stage text, state jsonb, delay float8, error jsonb)
-), done AS (
-    UPDATE {schema}.jobs AS j
-    SET status = t.to_status[{cancel_pair}],
-        stage = o.stage,
-        state = coalesce(o.state, j.state),
-        attempt = j.attempt - t.refund[{cancel_pair}],
-        deferrals = j.deferrals + t.deferral[{cancel_pair}],
-        run_at = CASE WHEN o.delay IS NULL THEN j.run_at
-                      ELSE now() + o.delay * interval '1 second' END,
-        lease_owner = CASE WHEN t.to_status[{cancel_pair}] = 'running' THEN j.lease_owner END,
-        lease_token = CASE WHEN t.to_status[{cancel_pair}] = 'running' THEN j.lease_token END,
-        lease_expires_at = CASE WHEN t.to_status[{cancel_pair}] = 'running' THEN j.lease_expires_at END,
-        cancel_requested_at = CASE WHEN t.to_status[{cancel_pair}] = 'running'
-                                   THEN j.cancel_requested_at END,
-        last_error = coalesce(o.error, j.last_error),
-        errors = CASE WHEN o.error IS NULL THEN j.errors
-                      ELSE {schema}.append_error(j.errors, o.error, %(keep_errors)s) END,
-        errors_dropped = j.errors_dropped + CASE WHEN o.error IS NULL THEN 0
-            ELSE greatest(jsonb_array_length(j.errors) + 1 - %(keep_errors)s, 0) END,
-        finished_at = CASE WHEN t.to_status[{cancel_pair}] IN ('succeeded', 'dead', 'cancelled')
-                           THEN now() END,
-        updated_at = now()
-    FROM o JOIN {transitions} AS t(from_status, event, to_status, refund, deferral)
-         ON t.event = o.event
-    -- The token fence implies status 'running' (constraint
-    -- jobs_lease_token_only_when_running) and the transition row checks the status
-    -- again; no `j.status = 'running'` here, which would let the planner walk a
-    -- partial index of every running job for each outcome instead of the primary key.
-    WHERE j.id = o.id AND j.lease_token = o.token AND t.from_status = j.status
-    RETURNING o.token::text AS token, j.id, j.queue, j.status, j.run_at, j.waited
-), told AS (
-    SELECT pg_notify(%(channel)s, q.queue)
-    FROM (SELECT DISTINCT queue FROM done WHERE status = 'queued' AND run_at <= now()) AS q
-    UNION ALL
-    SELECT pg_notify(%(done_channel)s, id::text)
-    FROM done WHERE waited AND status IN ('succeeded', 'dead', 'cancelled')
 )
-SELECT done.token, done.status FROM done CROSS JOIN (SELECT count(*) FROM told) AS w
+UPDATE {schema}.jobs AS j
+SET status = t.to_status[{cancel_pair}],
+    stage = o.stage,
+    state = coalesce(o.state, j.state),
+    attempt = j.attempt - t.refund[{cancel_pair}],
+    deferrals = j.deferrals + t.deferral[{cancel_pair}],
+    run_at = CASE WHEN o.delay IS NULL THEN j.run_at
+                  ELSE now() + o.delay * interval '1 second' END,
+    lease_owner = CASE WHEN t.to_status[{cancel_pair}] = 'running' THEN j.lease_owner END,
+    lease_token = CASE WHEN t.to_status[{cancel_pair}] = 'running' THEN j.lease_token END,
+    lease_expires_at = CASE WHEN t.to_status[{cancel_pair}] = 'running'
+                            THEN j.lease_expires_at END,
+    cancel_requested_at = CASE WHEN t.to_status[{cancel_pair}] = 'running'
+                               THEN j.cancel_requested_at END,
+    last_error = coalesce(o.error, j.last_error),
+    errors = CASE WHEN o.error IS NULL THEN j.errors
+                  ELSE {schema}.append_error(j.errors, o.error, %(keep_errors)s) END,
+    errors_dropped = j.errors_dropped + CASE WHEN o.error IS NULL THEN 0
+        ELSE greatest(jsonb_array_length(j.errors) + 1 - %(keep_errors)s, 0) END,
+    finished_at = CASE WHEN t.to_status[{cancel_pair}] IN ('succeeded', 'dead', 'cancelled')
+                       THEN now() END,
+    updated_at = now()
+FROM o JOIN {transitions} AS t(from_status, event, to_status, refund, deferral)
+     ON t.event = o.event
+-- The token fence implies status 'running' (constraint
+-- jobs_lease_token_only_when_running) and the transition row checks the status
+-- again; no `j.status = 'running'` here, which would let the planner walk a
+-- partial index of every running job for each outcome instead of the primary key.
+WHERE j.id = o.id AND j.lease_token = o.token AND t.from_status = j.status
+RETURNING o.token::text AS token, j.status,
+          CASE WHEN j.status = 'queued' AND j.run_at <= now()
+               THEN pg_notify(%(channel)s, j.queue)
+               WHEN j.waited AND j.status IN ('succeeded', 'dead', 'cancelled')
+               THEN pg_notify(%(done_channel)s, j.id::text) END IS NOT NULL AS told
 
 -- name: rescue
 -- Any worker returns jobs whose lease expired (their worker died or hung) to
