@@ -196,19 +196,29 @@ class Maintenance:
     async def reindex_loop(self) -> None:
         settings = self._config.maintenance
         if settings.reindex_claim_index_factor is not None:
+            # The first look at start-up, not at a random point of the interval: a
+            # worker started on an aged table rebuilds before its first claims pile
+            # up (the lease keeps a fleet started together to one rebuild).
             await self._every(
                 settings.reindex_check_interval,
                 self.reindex,
                 "rebuilding the claim index failed",
+                spread=False,
             )
 
     async def _every(
-        self, interval: float, action: Callable[[], Awaitable[object]], failed: str
+        self,
+        interval: float,
+        action: Callable[[], Awaitable[object]],
+        failed: str,
+        *,
+        spread: bool = True,
     ) -> None:
         """Run ``action`` every ``interval`` seconds until cancelled; a failure is
         logged and retried at the next tick."""
-        # Start at a random point of the interval so a fleet started together spreads out.
-        await asyncio.sleep(interval * self._rng.random())
+        if spread:
+            # Start at a random point of the interval so a fleet started together spreads out.
+            await asyncio.sleep(interval * self._rng.random())
         while True:
             try:
                 await action()
