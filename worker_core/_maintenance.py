@@ -9,7 +9,7 @@
   returns the jobs of dead or hung workers (``Queue.rescue_expired``);
 - prune: finished jobs past retention, in batches, one worker at a time;
 - vacuum: the jobs table once it holds ``maintenance.vacuum_dead_rows`` dead rows;
-- reindex: the claim index, rebuilt concurrently once it has grown to
+- reindex: the claim indexes, each rebuilt concurrently once it has grown to
   ``maintenance.reindex_claim_index_factor`` times what its entries need, one
   worker of the fleet at a time (a lease row, so it works through PgBouncer);
 - console: the metrics history flush, the workers-registry refresh and the alert
@@ -44,10 +44,12 @@ __all__ = ["Maintenance"]
 
 Leases = Callable[[], list[tuple[int, str]]]
 
-#: The claim index is rebuilt only past this size (a small index costs nothing).
+#: The indexes claims read: by queue, and by queue and kind (a worker with pipelines()).
+CLAIM_INDEXES = ("jobs_claim_idx", "jobs_claim_kind_idx")
+#: A claim index is rebuilt only past this size (a small index costs nothing).
 REINDEX_MIN_BYTES = 1 << 20
-#: What one entry of the claim index needs on a freshly built index (a key of
-#: queue, priority, run_at and id, the tuple header and line pointer, fillfactor
+#: What one entry of a claim index needs on a freshly built index (a key of queue,
+#: (kind,) priority, run_at and id, the tuple header and line pointer, fillfactor
 #: 90): the yardstick for "this many times the size its entries need".
 CLAIM_INDEX_ENTRY_BYTES = 64
 #: The fleet-wide lease a rebuild holds (renewed while it runs); a worker that dies
@@ -270,14 +272,15 @@ class Maintenance:
             )
         return dead_rows
 
-    async def reindex(self) -> tuple[int, int] | None:
-        """Rebuild the claim index (``REINDEX INDEX CONCURRENTLY``) when it is
-        ``maintenance.reindex_claim_index_factor`` times the size its live entries
-        need and over ``REINDEX_MIN_BYTES``, unless another worker is rebuilding it;
-        returns its size in bytes before and after, or None when it did not.
+    async def reindex(self) -> dict[str, tuple[int, int]]:
+        """Rebuild each claim index (``CLAIM_INDEXES``, ``REINDEX INDEX
+        CONCURRENTLY``) that is ``maintenance.reindex_claim_index_factor`` times the
+        size its live entries need and over ``REINDEX_MIN_BYTES``, unless another
+        worker is rebuilding; returns the size in bytes before and after of each
+        index rebuilt (empty: none).
 
         Why: VACUUM removes the dead entries of claimed jobs but gives an index page
-        back only once it is empty, and the claim scan starts at the end where the
+        back only once it is empty, and a claim scan starts at the end where the
         oldest jobs were. Concurrently: claims and outcome writes go on meanwhile.
         One worker at a time through a lease row (not an advisory lock: REINDEX
         CONCURRENTLY cannot run in a transaction, and a session lock does not
@@ -286,24 +289,29 @@ class Maintenance:
         """
         factor = self._config.maintenance.reindex_claim_index_factor
         if factor is None or self._may_not_reindex:
-            return None
+            return {}
         queue, schema = self._queue, self._queue.schema
-        size = await self._claim_index_size()
-        if size is None:
-            return None
-        before, entries, may_reindex = size
-        if before < max(REINDEX_MIN_BYTES, factor * entries * CLAIM_INDEX_ENTRY_BYTES):
-            return None
-        if not may_reindex:
-            self._may_not_reindex = True
-            self._logger.warning(
-                "not rebuilding the claim index: this role does not own the jobs table"
-            )
-            return None
+        bloated: dict[str, tuple[int, float]] = {}
+        for index in CLAIM_INDEXES:
+            size = await self._index_size(index)
+            if size is None:
+                continue
+            before, entries, may_reindex = size
+            if before < max(REINDEX_MIN_BYTES, factor * entries * CLAIM_INDEX_ENTRY_BYTES):
+                continue
+            if not may_reindex:
+                self._may_not_reindex = True
+                self._logger.warning(
+                    "not rebuilding the claim indexes: this role does not own the jobs table"
+                )
+                return {}
+            bloated[index] = (before, entries)
+        if not bloated:
+            return {}
         held, _ = await queue.take_lease(REINDEX_LEASE, self._owner, REINDEX_LEASE_SECONDS)
         if not held:
-            return None
-        started = time.monotonic()
+            return {}
+        rebuilt: dict[str, tuple[int, int]] = {}
         renew = asyncio.create_task(self._renew_reindex_lease())
         try:
             async with queue.connection() as conn:
@@ -316,32 +324,36 @@ class Maintenance:
                         ),
                         prepare=False,
                     )
-                await conn.execute(
-                    sql.SQL("REINDEX INDEX CONCURRENTLY {}.jobs_claim_idx").format(
-                        sql.Identifier(schema)
-                    ),
-                    prepare=False,
-                )
+                for index, (before, entries) in bloated.items():
+                    started = time.monotonic()
+                    await conn.execute(
+                        sql.SQL("REINDEX INDEX CONCURRENTLY {}.{}").format(
+                            sql.Identifier(schema), sql.Identifier(index)
+                        ),
+                        prepare=False,
+                    )
+                    after = await self._index_size(index)
+                    rebuilt[index] = (before, after[0] if after is not None else 0)
+                    self._logger.info(
+                        "rebuilt a claim index",
+                        index=index,
+                        bytes_before=before,
+                        bytes_after=rebuilt[index][1],
+                        entries=int(entries),
+                        seconds=round(time.monotonic() - started, 3),
+                    )
         finally:
             renew.cancel()
             await asyncio.gather(renew, return_exceptions=True)
             with contextlib.suppress(Exception):
                 await queue.release_lease(REINDEX_LEASE, self._owner)
-        after = await self._claim_index_size()
-        after_bytes = after[0] if after is not None else 0
-        self._logger.info(
-            "rebuilt the claim index",
-            bytes_before=before,
-            bytes_after=after_bytes,
-            entries=int(entries),
-            seconds=round(time.monotonic() - started, 3),
-        )
-        return before, after_bytes
+        return rebuilt
 
-    async def _claim_index_size(self) -> tuple[int, float, bool] | None:
+    async def _index_size(self, index: str) -> tuple[int, float, bool] | None:
         async with self._queue.connection() as conn:
             cur = await conn.execute(
-                self._queue._sql["claim_index_size"], {"schema": self._queue.schema}
+                self._queue._sql["claim_index_size"],
+                {"schema": self._queue.schema, "index": index},
             )
             row = await cur.fetchone()
         if row is None:

@@ -412,23 +412,23 @@ FROM pg_stat_user_tables AS s JOIN pg_class AS c ON c.oid = s.relid
 WHERE s.schemaname = %(schema)s AND s.relname = 'jobs'
 
 -- name: claim_index_size
--- The claim index's size on disk and its live entries as of the last VACUUM or
+-- A claim index's size on disk and its live entries as of the last VACUUM or
 -- ANALYZE (reltuples), and whether this role may rebuild it (it owns the table).
 SELECT pg_relation_size(i.oid) AS bytes, greatest(i.reltuples, 0)::float8 AS entries,
        pg_has_role(t.relowner, 'USAGE') AS may_reindex
 FROM pg_class AS i
 JOIN pg_index AS x ON x.indexrelid = i.oid
 JOIN pg_class AS t ON t.oid = x.indrelid
-WHERE i.oid = to_regclass(format('%%I.jobs_claim_idx', %(schema)s::text))
+WHERE i.oid = to_regclass(format('%%I.%%I', %(schema)s::text, %(index)s::text))
 
 -- name: claim_index_leftovers
--- Invalid copies of the claim index that an interrupted REINDEX CONCURRENTLY left
--- behind (it names them jobs_claim_idx_ccnew, _ccnew1, ..., _ccold): every write
+-- Invalid copies of the claim indexes that an interrupted REINDEX CONCURRENTLY
+-- left behind (it names them <index>_ccnew, _ccnew1, ..., _ccold): every write
 -- still maintains them until they are dropped.
 SELECT c.relname AS name
 FROM pg_index AS x JOIN pg_class AS c ON c.oid = x.indexrelid
 WHERE x.indrelid = to_regclass(format('%%I.jobs', %(schema)s::text)) AND NOT x.indisvalid
-  AND c.relname ~ '^jobs_claim_idx_cc(new|old)[0-9]*$'
+  AND c.relname ~ '^jobs_claim(_kind)?_idx_cc(new|old)[0-9]*$'
 
 -- name: stage_counts
 -- For `worker-core status`: jobs by status and last completed stage.
