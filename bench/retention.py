@@ -15,15 +15,18 @@ Targets (issues 7 and 17): the aged probe's median within 10 % of the fresh
 median; no round during which a VACUUM ran slower than 80 % of the median round.
 
 Variants (issue 17), each measured fresh and aged with its own settings, only
-settings and SQL of this script (the library is unchanged):
+settings and SQL of this script:
 
-- ``default``: the worker's defaults (``maintenance.vacuum_dead_rows`` 100,000);
+- ``default``: the worker's defaults (``maintenance.vacuum_dead_rows`` 100,000, the
+  claim index rebuilt by the workers once 4 times what its entries need);
+- ``noreindex``: defaults but for the library's own rebuild of the claim index
+  (``maintenance.reindex_claim_index_factor = None``), to measure what it brings;
 - ``vdr=N``: ``maintenance.vacuum_dead_rows = N`` (the setting's floor is 1,000);
 - ``reindex=S``: defaults, plus this script running ``REINDEX INDEX CONCURRENTLY``
   of the claim index (``jobs_claim_idx``) every S seconds while the worker runs
   (fresh probes and aged rounds alike), timed;
 - ``reindex-all=S``: the same for every partial index the hot path churns
-  (claim, lease, finished).
+  (claim, running-lease, finished).
 
     python bench/retention.py [--total 1000000] [--round 50000] [--probe 20000]
     python bench/retention.py --variants default vdr=20000 reindex=5
@@ -55,11 +58,15 @@ class Variant:
     reindex_every: float | None = None
     reindex_indexes: tuple[str, ...] = ("jobs_claim_idx",)
     reindex_seconds: list[float] = field(default_factory=list)
+    #: False: maintenance.reindex_claim_index_factor = None (the library's rebuild off)
+    library_reindex: bool = True
 
     @classmethod
     def parse(cls, text: str) -> Variant:
         if text == "default":
             return cls(text)
+        if text == "noreindex":  # the library's own rebuild of the claim index off
+            return cls(text, library_reindex=False)
         key, _, value = text.partition("=")
         if key == "vdr":
             return cls(text, vacuum_dead_rows=int(value))
@@ -67,7 +74,9 @@ class Variant:
             return cls(text, reindex_every=float(value))
         if key == "reindex-all":
             every = float(value)
-            return cls(text, None, every, ("jobs_claim_idx", "jobs_lease_idx", "jobs_finished_idx"))
+            return cls(
+                text, None, every, ("jobs_claim_idx", "jobs_running_lease_idx", "jobs_finished_idx")
+            )
         raise argparse.ArgumentTypeError(f"unknown variant {text!r}")
 
 
@@ -78,6 +87,8 @@ def make_config(
     maintenance: dict[str, Any] = {"retention_seconds": args.retention, "interval": args.interval}
     if variant is not None and variant.vacuum_dead_rows is not None:
         maintenance["vacuum_dead_rows"] = variant.vacuum_dead_rows
+    if variant is not None and not variant.library_reindex:
+        maintenance["reindex_claim_index_factor"] = None
     return WorkerConfig.model_validate(
         {
             "database": {"dsn": dsn, "schema": schema},
@@ -359,7 +370,8 @@ if __name__ == "__main__":
         nargs="+",
         type=Variant.parse,
         default=[Variant("default")],
-        help="default | vdr=N | reindex=SECONDS | reindex-all=SECONDS (each fresh and aged)",
+        help="default | noreindex | vdr=N | reindex=SECONDS | reindex-all=SECONDS "
+        "(each fresh and aged)",
     )
     parser.add_argument("--verbose", action="store_true", help="print every round")
     _servers.add_arguments(parser)

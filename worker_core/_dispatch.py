@@ -59,6 +59,8 @@ class Dispatcher:
         #: The kinds this worker claims (None: any kind).
         self._kinds = kinds
         self._names = config.queue.names
+        #: Queues with a fleet-wide max_running (a finished run of one may free a slot).
+        self._capped = frozenset(n for n in self._names if config.queue.cap(n) is not None)
         #: Queues an operator paused, as last heard (NOTIFY or poll), and when this
         #: worker heard it; the claim itself skips paused queues, this holds back
         #: what is already buffered or was claimed just before the pause.
@@ -75,6 +77,10 @@ class Dispatcher:
         self.force = False
         self.draining = False
         self.maybe_work = True
+        #: Counts the signs of work (NOTIFY, a freed max_running slot): one that
+        #: arrives while a claim is in flight outlives that claim's empty answer,
+        #: whose snapshot may predate the job it announces.
+        self._signs = 0
         self.last_loop_at: float | None = None
         self.last_claim_at: float | None = None
 
@@ -160,6 +166,7 @@ class Dispatcher:
     def notify(self) -> None:
         """Something may be claimable now (NOTIFY, a rescue, LISTEN reconnected)."""
         self.maybe_work = True
+        self._signs += 1
         self.wake.set()
 
     def request_stop(self) -> None:
@@ -194,6 +201,7 @@ class Dispatcher:
                     await self._wait(min(pause, queue_cfg.poll_interval))
                     continue
                 self.wake.clear()
+                signs = self._signs
                 claim_started = time.monotonic()
                 try:
                     jobs = await self._queue.claim(
@@ -217,7 +225,8 @@ class Dispatcher:
                 self.last_claim_at = time.monotonic()
                 self._metrics.claim_completed(self.last_claim_at - claim_started, len(jobs))
                 drained = len(jobs) < room
-                self.maybe_work = not drained
+                # A sign of work that came during the claim is not answered by it.
+                self.maybe_work = not drained or self._signs != signs
                 if jobs:
                     self._metrics.job_claimed(len(jobs))
                     if self.stopping.is_set():
@@ -305,10 +314,11 @@ class Dispatcher:
         self._by_task.pop(task, None)
         if self._latest.get(run.job.id) is run:
             del self._latest[run.job.id]
-        if self._config.queue.cap(run.job.queue) is not None:
+        if self._capped and run.job.queue in self._capped:
             # A fleet-wide slot of a capped queue is free: jobs the cap held back may
             # be claimable although the last claim came back short.
             self.maybe_work = True
+            self._signs += 1
         self.wake.set()
 
     def _release_unstarted(self, jobs: Iterable[Job]) -> None:

@@ -9,6 +9,9 @@
   returns the jobs of dead or hung workers (``Queue.rescue_expired``);
 - prune: finished jobs past retention, in batches, one worker at a time;
 - vacuum: the jobs table once it holds ``maintenance.vacuum_dead_rows`` dead rows;
+- reindex: the claim indexes, each rebuilt concurrently once it has grown to
+  ``maintenance.reindex_claim_index_factor`` times what its entries need, one
+  worker of the fleet at a time (a lease row, so it works through PgBouncer);
 - console: the metrics history flush, the workers-registry refresh and the alert
   evaluator (``worker_core.console``), each off when not configured.
 """
@@ -17,10 +20,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
+import secrets
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
+
+from psycopg import sql
 
 from .config import WorkerConfig
 from .jobs import JobStatus
@@ -35,6 +43,19 @@ if TYPE_CHECKING:
 __all__ = ["Maintenance"]
 
 Leases = Callable[[], list[tuple[int, str]]]
+
+#: The indexes claims read: by queue, and by queue and kind (a worker with pipelines()).
+CLAIM_INDEXES = ("jobs_claim_idx", "jobs_claim_kind_idx")
+#: A claim index is rebuilt only past this size (a small index costs nothing).
+REINDEX_MIN_BYTES = 1 << 20
+#: What one entry of a claim index needs on a freshly built index (a key of queue,
+#: (kind,) priority, run_at and id, the tuple header and line pointer, fillfactor
+#: 90): the yardstick for "this many times the size its entries need".
+CLAIM_INDEX_ENTRY_BYTES = 64
+#: The fleet-wide lease a rebuild holds (renewed while it runs); a worker that dies
+#: mid-rebuild frees it after this long, and the next rebuild drops its leftovers.
+REINDEX_LEASE = "reindex_claim_index"
+REINDEX_LEASE_SECONDS = 300.0
 
 
 class Maintenance:
@@ -57,6 +78,8 @@ class Maintenance:
         self._logger = logger
         self._rng = rng or random.Random()
         self._may_not_vacuum = False  # the role does not own the jobs table
+        self._may_not_reindex = False
+        self._owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self._reread_paused = asyncio.Event()
         self._beat_now = asyncio.Event()
 
@@ -179,13 +202,32 @@ class Maintenance:
                 settings.vacuum_check_interval, self.vacuum, "vacuuming the jobs table failed"
             )
 
+    async def reindex_loop(self) -> None:
+        settings = self._config.maintenance
+        if settings.reindex_claim_index_factor is not None:
+            # The first look at start-up, not at a random point of the interval: a
+            # worker started on an aged table rebuilds before its first claims pile
+            # up (the lease keeps a fleet started together to one rebuild).
+            await self._every(
+                settings.reindex_check_interval,
+                self.reindex,
+                "rebuilding the claim index failed",
+                spread=False,
+            )
+
     async def _every(
-        self, interval: float, action: Callable[[], Awaitable[object]], failed: str
+        self,
+        interval: float,
+        action: Callable[[], Awaitable[object]],
+        failed: str,
+        *,
+        spread: bool = True,
     ) -> None:
         """Run ``action`` every ``interval`` seconds until cancelled; a failure is
         logged and retried at the next tick."""
-        # Start at a random point of the interval so a fleet started together spreads out.
-        await asyncio.sleep(interval * self._rng.random())
+        if spread:
+            # Start at a random point of the interval so a fleet started together spreads out.
+            await asyncio.sleep(interval * self._rng.random())
         while True:
             try:
                 await action()
@@ -236,6 +278,100 @@ class Maintenance:
                 seconds=round(time.monotonic() - started, 3),
             )
         return dead_rows
+
+    async def reindex(self) -> dict[str, tuple[int, int]]:
+        """Rebuild each claim index (``CLAIM_INDEXES``, ``REINDEX INDEX
+        CONCURRENTLY``) that is ``maintenance.reindex_claim_index_factor`` times the
+        size its live entries need and over ``REINDEX_MIN_BYTES``, unless another
+        worker is rebuilding; returns the size in bytes before and after of each
+        index rebuilt (empty: none).
+
+        Why: VACUUM removes the dead entries of claimed jobs but gives an index page
+        back only once it is empty, and a claim scan starts at the end where the
+        oldest jobs were. Concurrently: claims and outcome writes go on meanwhile.
+        One worker at a time through a lease row (not an advisory lock: REINDEX
+        CONCURRENTLY cannot run in a transaction, and a session lock does not
+        survive PgBouncer's transaction pooling). Invalid copies left by an
+        interrupted rebuild are dropped first.
+        """
+        factor = self._config.maintenance.reindex_claim_index_factor
+        if factor is None or self._may_not_reindex:
+            return {}
+        queue, schema = self._queue, self._queue.schema
+        bloated: dict[str, tuple[int, float]] = {}
+        for index in CLAIM_INDEXES:
+            size = await self._index_size(index)
+            if size is None:
+                continue
+            before, entries, may_reindex = size
+            if before < max(REINDEX_MIN_BYTES, factor * entries * CLAIM_INDEX_ENTRY_BYTES):
+                continue
+            if not may_reindex:
+                self._may_not_reindex = True
+                self._logger.warning(
+                    "not rebuilding the claim indexes: this role does not own the jobs table"
+                )
+                return {}
+            bloated[index] = (before, entries)
+        if not bloated:
+            return {}
+        held, _ = await queue.take_lease(REINDEX_LEASE, self._owner, REINDEX_LEASE_SECONDS)
+        if not held:
+            return {}
+        rebuilt: dict[str, tuple[int, int]] = {}
+        renew = asyncio.create_task(self._renew_reindex_lease())
+        try:
+            async with queue.connection() as conn:
+                cur = await conn.execute(queue._sql["claim_index_leftovers"], {"schema": schema})
+                for (name,) in await cur.fetchall():
+                    self._logger.warning("dropping an interrupted rebuild's index", index=name)
+                    await conn.execute(
+                        sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}.{}").format(
+                            sql.Identifier(schema), sql.Identifier(name)
+                        ),
+                        prepare=False,
+                    )
+                for index, (before, entries) in bloated.items():
+                    started = time.monotonic()
+                    await conn.execute(
+                        sql.SQL("REINDEX INDEX CONCURRENTLY {}.{}").format(
+                            sql.Identifier(schema), sql.Identifier(index)
+                        ),
+                        prepare=False,
+                    )
+                    after = await self._index_size(index)
+                    rebuilt[index] = (before, after[0] if after is not None else 0)
+                    self._logger.info(
+                        "rebuilt a claim index",
+                        index=index,
+                        bytes_before=before,
+                        bytes_after=rebuilt[index][1],
+                        entries=int(entries),
+                        seconds=round(time.monotonic() - started, 3),
+                    )
+        finally:
+            renew.cancel()
+            await asyncio.gather(renew, return_exceptions=True)
+            with contextlib.suppress(Exception):
+                await queue.release_lease(REINDEX_LEASE, self._owner)
+        return rebuilt
+
+    async def _index_size(self, index: str) -> tuple[int, float, bool] | None:
+        async with self._queue.connection() as conn:
+            cur = await conn.execute(
+                self._queue._sql["claim_index_size"],
+                {"schema": self._queue.schema, "index": index},
+            )
+            row = await cur.fetchone()
+        if row is None:
+            return None
+        return int(row[0]), float(row[1]), bool(row[2])
+
+    async def _renew_reindex_lease(self) -> None:
+        while True:
+            await asyncio.sleep(REINDEX_LEASE_SECONDS / 3)
+            with contextlib.suppress(Exception):
+                await self._queue.take_lease(REINDEX_LEASE, self._owner, REINDEX_LEASE_SECONDS)
 
     async def prune(self, *, max_batches: int | None = None) -> int:
         """Delete finished jobs past retention in batches of ``maintenance.batch_size``

@@ -297,6 +297,7 @@ class Runtime:
                 ),
                 asyncio.create_task(maintenance.prune_loop(), name="worker_core.prune"),
                 asyncio.create_task(maintenance.vacuum_loop(), name="worker_core.vacuum"),
+                asyncio.create_task(maintenance.reindex_loop(), name="worker_core.reindex"),
                 asyncio.create_task(maintenance.history_loop(), name="worker_core.history"),
                 asyncio.create_task(maintenance.registry_loop(), name="worker_core.registry"),
                 asyncio.create_task(maintenance.alerts_loop(), name="worker_core.alerts"),

@@ -586,6 +586,21 @@ class MaintenanceSettings(_Section):
         le=HOUR,
         description="how often a worker reads the jobs table's dead rows",
     )
+    reindex_claim_index_factor: float | None = Field(
+        default=4.0,
+        ge=1.5,
+        le=1000,
+        description="rebuild a claim index (REINDEX INDEX CONCURRENTLY, one worker of the "
+        "fleet at a time) once it is this many times the size its live entries need and "
+        "over 1 MiB: VACUUM empties its pages but rarely gives them back, and every claim "
+        "starts at the emptied end; None never rebuilds them",
+    )
+    reindex_check_interval: float = Field(
+        default=30.0,
+        gt=0,
+        le=DAY,
+        description="how often a worker compares the claim indexes' sizes with their entries",
+    )
 
 
 def _finite(

@@ -54,6 +54,7 @@ class WorkerConsole:
     ) -> None:
         self.config = config
         self.history = HistoryRecorder()
+        self._history_on = config.history.enabled
         self.registry = WorkerRegistry(
             worker_id,
             queues=list(config.queue.names),
@@ -70,13 +71,13 @@ class WorkerConsole:
     # -- recording (no I/O) --------------------------------------------------------
     def job(self, job: Job, outcome: str, seconds: float) -> None:
         """An attempt of ``job`` ended: succeeded, retried, deferred or dead."""
-        if self.config.history.enabled:
-            self.history.record(job, outcome, seconds)
+        if self._history_on:  # every job: one attribute read when history is off
+            self.history.job(job.queue, job.kind or "default", outcome, seconds)
 
     def stage(self, job: Job, stage: str, ok: bool, seconds: float) -> None:
         """A stage of ``job`` completed (``ok``) or raised."""
-        if self.config.history.enabled:
-            self.history.record_stage(job, stage, ok, seconds)
+        if self._history_on:
+            self.history.stage(job.queue, job.kind or "default", stage, ok, seconds)
 
     # -- a run -----------------------------------------------------------------------
     async def start(self, queue: Queue) -> None:

@@ -79,6 +79,12 @@ class HistoryRecorder:
         self._max_minutes = max_minutes
         self._rows: dict[Key, _Row] = {}
         self._names: set[str] = set()
+        #: The rows of the current minute by the names as given: one clock read and
+        #: one dict lookup per call on the hot path (every job and every stage).
+        #: Emptied whenever ``_rows`` gives rows away or drops them.
+        self._minute = -1
+        self._minute_end = -math.inf
+        self._current: dict[tuple[str, str, str], _Row] = {}
         #: Rows dropped because flushes kept failing (or names over the cap).
         self.dropped = 0
 
@@ -87,12 +93,14 @@ class HistoryRecorder:
 
     def job(self, queue: str, kind: str, outcome: str, seconds: float) -> None:
         """One attempt ended as ``outcome`` (succeeded, retried, deferred or dead)."""
-        if outcome not in OUTCOMES:
-            raise ValueError(f"unknown outcome {outcome!r}; expected one of {OUTCOMES}")
-        row = self._row(queue, kind, "")
+        row = self._current.get((queue, kind, ""))
+        if row is None or not self._minute <= self._clock() < self._minute_end:
+            if outcome not in OUTCOMES:
+                raise ValueError(f"unknown outcome {outcome!r}; expected one of {OUTCOMES}")
+            row = self._row(queue, kind, "")
         if outcome == "succeeded":
             row.succeeded += 1
-        else:
+        elif outcome in OUTCOMES:
             row.failed += 1
             if outcome == "retried":
                 row.retried += 1
@@ -100,16 +108,30 @@ class HistoryRecorder:
                 row.deferred += 1
             else:
                 row.dead_lettered += 1
-        row.observe(seconds)
+        else:
+            raise ValueError(f"unknown outcome {outcome!r}; expected one of {OUTCOMES}")
+        # _Row.observe, inline: this runs for every job.
+        if 0.0 < seconds < math.inf:
+            row.seconds_sum += seconds
+            row.buckets[bisect_left(BOUNDS, seconds)] += 1
+        else:
+            row.buckets[0] += 1
 
     def stage(self, queue: str, kind: str, stage: str, ok: bool, seconds: float) -> None:
         """One run of ``stage`` completed (``ok``) or raised."""
-        row = self._row(queue, kind, stage or "?")
+        stage = stage or "?"
+        row = self._current.get((queue, kind, stage))
+        if row is None or not self._minute <= self._clock() < self._minute_end:
+            row = self._row(queue, kind, stage)
         if ok:
             row.succeeded += 1
         else:
             row.failed += 1
-        row.observe(seconds)
+        if 0.0 < seconds < math.inf:
+            row.seconds_sum += seconds
+            row.buckets[bisect_left(BOUNDS, seconds)] += 1
+        else:
+            row.buckets[0] += 1
 
     def record(self, job: Job, outcome: str, seconds: float) -> None:
         """``job(...)`` for a job object."""
@@ -120,11 +142,21 @@ class HistoryRecorder:
         self.stage(job.queue, job_kind(job), stage, ok, seconds)
 
     def _row(self, queue: str, kind: str, stage: str) -> _Row:
-        minute = int(self._clock() // 60 * 60)
-        key = (minute, self._name(queue), self._name(kind), self._name(stage) if stage else "")
-        row = self._rows.get(key)
+        now = self._clock()
+        minute = int(now // 60 * 60)
+        if minute != self._minute:
+            self._minute = minute
+            self._minute_end = minute + 60.0
+            self._current = {}
+        given = (queue, kind, stage)
+        row = self._current.get(given)
         if row is None:
-            row = self._rows[key] = _Row()
+            key = (minute, self._name(queue), self._name(kind), self._name(stage) if stage else "")
+            row = self._rows.get(key)
+            if row is None:
+                row = self._rows[key] = _Row()
+            if len(self._current) < _MAX_NAMES:
+                self._current[given] = row
         return row
 
     def _name(self, name: str) -> str:
@@ -140,6 +172,7 @@ class HistoryRecorder:
     def take(self) -> list[tuple[Any, ...]]:
         """Every pending row as ``Queue.record_history`` takes it; the recorder is emptied."""
         rows, self._rows = self._rows, {}
+        self._current = {}
         return [
             (
                 *key,
@@ -167,6 +200,7 @@ class HistoryRecorder:
             old = [key for key in self._rows if key[0] < cutoff]
             for key in old:
                 del self._rows[key]
+            self._current = {}
             self.dropped += len(old)
 
     async def flush(self, queue: Queue) -> int:

@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -188,8 +188,9 @@ async def test_a_cancel_nobody_requested_releases_the_job(
     async with running(worker):
         await asyncio.wait_for(hold.started.wait(), 10)
         hold.started.clear()
-        # Nothing in the database backs this cancel, so only a listening worker hears it.
-        await wait_for(_async(lambda: worker.snapshot().listener_connected), what="LISTEN")
+        # Only the NOTIFY carries this cancel (no request in the database for the
+        # heartbeat to find): the job may start before the worker's LISTEN is up.
+        await wait_for(_listening(worker), what="LISTEN")
         async with queue.connection() as conn:
             await conn.execute(
                 "SELECT pg_notify(%s, json_build_object('op', 'cancel', 'id', %s::int)::text)",
@@ -202,6 +203,13 @@ async def test_a_cancel_nobody_requested_releases_the_job(
         done = await queue.wait(job_id, timeout=5)
     assert done.status is JobStatus.SUCCEEDED and worker.cancelled == []
     assert hold.saw_cancel == [job_id]
+
+
+def _listening(worker: BaseWorker) -> Callable[[], Awaitable[bool]]:
+    async def listening() -> bool:
+        return worker.snapshot().listener_connected
+
+    return listening
 
 
 async def test_a_killed_owners_cancelled_job_ends_cancelled_after_its_lease(

@@ -146,8 +146,8 @@ async def test_heartbeat_and_finish_find_rows_by_primary_key_with_a_large_backlo
     queue: Queue,
 ) -> None:
     # 200,000 finished jobs and 20,000 running ones (other workers' leases): the
-    # token fence also names status 'running', which must not lead the planner to
-    # the partial lease index (and its dead entries) instead of the primary key.
+    # token fence implies status 'running', which must not lead the planner to the
+    # partial index of running jobs (and its dead entries) instead of the primary key.
     await execute(
         queue,
         "INSERT INTO {schema}.jobs (queue, status, payload, finished_at) "
@@ -181,13 +181,48 @@ async def test_heartbeat_and_finish_find_rows_by_primary_key_with_a_large_backlo
         finish = "\n".join(r[0] for r in await cur.fetchall())
     for plan in (heartbeat, finish):
         assert "jobs_pkey" in plan, plan
-        assert "jobs_lease_idx" not in plan and "Seq Scan on jobs" not in plan, plan
-        assert "jobs_running_idx" not in plan, plan
+        assert "jobs_running_lease_idx" not in plan and "Seq Scan on jobs" not in plan, plan
     assert await queue.heartbeat(leases, lease_seconds=30) == {t for _, t in leases}
 
 
+async def test_finish_finds_rows_by_primary_key_when_statistics_saw_no_running_job(
+    queue: Queue,
+) -> None:
+    # The table was analyzed while nothing ran (a backlog just enqueued), then a
+    # worker claimed hundreds: the statistics put ~no row in the index of running
+    # jobs, so a `status = 'running'` condition in finish would walk all of them for
+    # every outcome (it did: finish cost grew with the concurrency).
+    await queue.enqueue_many([{"i": i} for i in range(20000)])
+    await execute(queue, "ANALYZE {schema}.jobs")
+    jobs = await queue.claim("w", 500, lease_seconds=30)
+    batch = jobs[:50]  # a worker's flush at concurrency 50
+    leases = [(j.id, j.lease_token or "") for j in batch]
+    async with queue.connection() as conn:
+        cur = await conn.execute(
+            b"EXPLAIN " + queue._sql["heartbeat"],
+            {"ids": [i for i, _ in leases], "tokens": [t for _, t in leases], "lease": 30.0},
+        )
+        heartbeat = "\n".join(r[0] for r in await cur.fetchall())
+        cur = await conn.execute(
+            b"EXPLAIN " + queue._sql["finish"],
+            {
+                "outcomes": outcomes_json([succeed(j, stage=None, state=None) for j in batch]),
+                "keep_errors": 16,
+                "channel": queue.channel,
+                "done_channel": queue.done_channel,
+            },
+        )
+        finish = "\n".join(r[0] for r in await cur.fetchall())
+    for plan in (heartbeat, finish):
+        assert "jobs_pkey" in plan and "jobs_running_lease_idx" not in plan, plan
+    written = await queue.finish([succeed(j, stage=None, state=None) for j in jobs])
+    assert written == {j.lease_token for j in jobs}
+
+
 async def _explain(queue: Queue) -> list[str]:
-    """The plan of the worker's own claim statement, as it runs."""
+    """The plans of the worker's own claim statements, as they run: the general one
+    and the one of a single queue without kinds or max_running."""
+    lines = []
     async with queue.connection() as conn:
         cur = await conn.execute(
             b"EXPLAIN " + queue._sql["claim"],
@@ -200,7 +235,14 @@ async def _explain(queue: Queue) -> list[str]:
                 "lease": 30.0,
             },
         )
-        return [r[0] for r in await cur.fetchall()]
+        lines += [r[0] for r in await cur.fetchall()]
+        cur = await conn.execute(
+            b"EXPLAIN " + queue._sql["claim_one"],
+            {"queue": "test", "limit": 10, "owner": "w", "lease": 30.0},
+        )
+        one = [r[0] for r in await cur.fetchall()]
+    assert any("jobs_claim_idx" in line for line in one), one
+    return lines + one
 
 
 async def dead_rows(queue: Queue) -> int:
@@ -289,3 +331,64 @@ async def test_a_role_that_does_not_own_the_table_leaves_it_to_autovacuum(
         finally:
             await admin.execute(sql.SQL("DROP OWNED BY {}").format(ident))
             await admin.execute(sql.SQL("DROP ROLE {}").format(ident))
+
+
+async def index_bytes(queue: Queue, index: str) -> int:
+    [(n,)] = await execute(
+        queue,
+        "SELECT pg_relation_size(to_regclass(format('%%I.%%I', %s::text, %s::text)))",
+        queue.schema,
+        index,
+    )
+    return int(n)
+
+
+async def test_the_claim_indexes_are_rebuilt_once_bloated_and_by_one_worker_at_a_time(
+    queue: Queue, make_config: Callable[..., WorkerConfig]
+) -> None:
+    # 40,000 jobs queued then finished: VACUUM empties the claim indexes' entries,
+    # but their pages stay; 10 jobs are left queued.
+    for _ in range(4):
+        await queue.enqueue_many([{} for _ in range(10_000)])
+    await execute(queue, "UPDATE {schema}.jobs SET status = 'cancelled', finished_at = now()")
+    await queue.enqueue_many([{} for _ in range(10)])
+    await execute(queue, "VACUUM {schema}.jobs")
+    bloated = {i: await index_bytes(queue, i) for i in ("jobs_claim_idx", "jobs_claim_kind_idx")}
+    assert all(n > 1 << 20 for n in bloated.values()), bloated
+
+    off = maintenance(queue, make_config(maintenance={"reindex_claim_index_factor": None}))
+    assert await off.reindex() == {}
+    first = maintenance(queue, make_config())
+    second = maintenance(queue, make_config())
+    # Another worker's rebuild in progress (its lease row): this one does nothing.
+    held, _ = await queue.take_lease("reindex_claim_index", "elsewhere", 60)
+    assert held
+    assert await first.reindex() == {}
+    await queue.release_lease("reindex_claim_index", "elsewhere")
+
+    # An interrupted rebuild's invalid copy, which every write would maintain.
+    await execute(
+        queue, "CREATE INDEX jobs_claim_idx_ccnew ON {schema}.jobs (id) WHERE status = 'queued'"
+    )
+    await execute(
+        queue,
+        "UPDATE pg_index SET indisvalid = false WHERE indexrelid = "
+        "to_regclass(format('%%I.jobs_claim_idx_ccnew', %s::text))",
+        queue.schema,
+    )
+    rebuilt = await first.reindex()
+    assert set(rebuilt) == set(bloated)
+    for index, (before, after) in rebuilt.items():
+        assert before == bloated[index] and after < before // 4, (index, before, after)
+        assert await index_bytes(queue, index) == after
+    leftovers = await execute(
+        queue,
+        "SELECT count(*) FROM pg_class WHERE relname LIKE 'jobs_claim%%_cc%%' "
+        "AND relnamespace = %s::regnamespace",
+        queue.schema,
+    )
+    assert leftovers == [(0,)]
+    assert await second.reindex() == {}  # small again: nothing to do
+    assert await execute(queue, "SELECT count(*) FROM {schema}.leases") == [(0,)]
+    jobs = await queue.claim("w", 20, lease_seconds=30)
+    assert len(jobs) == 10  # the rebuilt index serves the claim

@@ -4,6 +4,7 @@ finish table, operator commands on the control channel, pipelines validation."""
 from __future__ import annotations
 
 import random
+import re
 from typing import Any
 
 import pytest
@@ -55,14 +56,21 @@ def test_the_rendered_finish_table_follows_effective_event() -> None:
     from worker_core._statements import _transitions
 
     text = _transitions().as_string(None)
-    rows = text.removeprefix("(VALUES ").removesuffix(")").split("), (")
+    # One row per event: ('running', 'event', ARRAY[to, to'], ARRAY[refund, refund'],
+    # ARRAY[deferral, deferral']); the first of each pair without, the second with a
+    # standing cancel request.
+    row = re.compile(
+        r"\('(\w+)', '(\w+)', ARRAY\['(\w+)', '(\w+)'\], "
+        r"ARRAY\[(\d), (\d)\], ARRAY\[(\d), (\d)\]\)"
+    )
+    found = row.findall(text)
+    assert text == "(VALUES " + ", ".join(m.group(0) for m in row.finditer(text)) + ")"
     table: dict[tuple[Transition, bool], tuple[str, int, int]] = {}
-    for row in rows:
-        source, event, requested, target, refund, deferral = (
-            part.strip("() '") for part in row.split(", ")
-        )
-        table[(Transition(event), requested == "true")] = (target, int(refund), int(deferral))
+    for source, event, to, to_asked, refund, refund_asked, deferral, deferral_asked in found:
         assert source == "running"
+        table[(Transition(event), False)] = (to, int(refund), int(deferral))
+        table[(Transition(event), True)] = (to_asked, int(refund_asked), int(deferral_asked))
+    assert len(found) == len(RUN_EVENTS)
     assert len(table) == 2 * len(RUN_EVENTS)
     for (event, asked), got in table.items():
         actual = effective_event(event, asked)

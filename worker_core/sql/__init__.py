@@ -20,6 +20,11 @@ __all__ = ["Migration", "load_queries", "migrations", "render"]
 
 _NAME = re.compile(r"^--\s*name:\s*(?P<name>[a-z_][a-z0-9_]*)\s*$", re.MULTILINE)
 _PLACEHOLDER = re.compile(r"\{([a-z_]+)\}")
+#: A line that is only a comment: the files explain each statement at length, but
+#: the text sent stays short. psycopg caches the parsing of a statement only up to
+#: 4 KiB (finish, with its comments, was longer: re-parsed at every call), and the
+#: server parses every statement not prepared yet.
+_COMMENT_LINE = re.compile(r"^[ \t]*--[^\n]*\n", re.MULTILINE)
 _MIGRATION_FILE = re.compile(r"^(?P<version>\d{4})_(?P<name>[a-z0-9_]+)\.sql$")
 
 
@@ -46,7 +51,7 @@ def load_queries(filename: str = "queries.sql") -> dict[str, str]:
     queries: dict[str, str] = {}
     for i, mark in enumerate(marks):
         end = marks[i + 1].start() if i + 1 < len(marks) else len(text)
-        body = text[mark.end() : end].strip()
+        body = _COMMENT_LINE.sub("", text[mark.end() : end]).strip()
         if mark["name"] in queries:
             raise ValueError(f"{filename}: query {mark['name']!r} is defined twice")
         queries[mark["name"]] = body.rstrip(";").strip()

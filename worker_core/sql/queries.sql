@@ -1,9 +1,10 @@
 -- Named queries of worker_core. {schema} is the quoted schema identifier; other
--- {placeholders} are filled by queue.py with SQL it builds itself. Every claim
--- sets a fresh random lease_token, and every statement that renews or moves a
--- running job is fenced by (status = 'running', lease_token), so a run whose
--- lease was taken over (by another worker, or by a newer claim of its own
--- worker) can never renew or overwrite the job.
+-- {placeholders} are filled by _statements.py with SQL it builds itself. Every
+-- claim sets a fresh random lease_token (_statements._LEASE_TOKEN), and every
+-- statement that renews or moves a running job is fenced by that token (which
+-- only a running job has: constraint jobs_lease_token_only_when_running), so a
+-- run whose lease was taken over (by another worker, or by a newer claim of its
+-- own worker) can never renew or overwrite the job.
 
 -- name: migrate_lock
 -- Serialises concurrent migrate() calls on one schema; released at commit.
@@ -148,10 +149,35 @@ WITH wanted AS MATERIALIZED (
 )
 UPDATE {schema}.jobs AS j
 SET status = 'running', attempt = j.attempt + 1, lease_owner = %(owner)s,
-    lease_token = gen_random_uuid(),
+    lease_token = {lease_token},
     lease_expires_at = now() + %(lease)s::float8 * interval '1 second', updated_at = now()
 FROM picked
 WHERE j.id = picked.id
+-- The columns come back in the field order of worker_core.jobs.Job.
+RETURNING j.id, j.queue, j.payload, j.status, j.stage, j.state, j.attempt, j.max_attempts,
+          j.deferrals, j.priority, j.run_at, j.correlation_id, j.last_error, j.errors,
+          j.created_at, j.updated_at, j.finished_at, j.dedupe_key, j.lease_owner,
+          j.lease_expires_at, j.lease_token::text, j.errors_dropped, j.kind
+
+-- name: claim_one
+-- The claim of the common case: one queue, any kind, no max_running. The rows are
+-- picked and locked by one scan of jobs_claim_idx in claim order (an InitPlan: no
+-- CTE, join, lateral or sort to plan; the claim is planned at every call, so that
+-- is a third less planning), after a one-time probe of paused_queues, then
+-- updated by primary key. The same row lock, fresh lease_token and returned
+-- columns as `claim`.
+UPDATE {schema}.jobs AS j
+SET status = 'running', attempt = j.attempt + 1, lease_owner = %(owner)s,
+    lease_token = {lease_token},
+    lease_expires_at = now() + %(lease)s::float8 * interval '1 second', updated_at = now()
+WHERE j.id = ANY(ARRAY(
+    SELECT q.id FROM {schema}.jobs AS q
+    WHERE q.queue = %(queue)s AND q.status = 'queued' AND q.run_at <= now()
+      AND NOT EXISTS (SELECT 1 FROM {schema}.paused_queues AS p WHERE p.queue = %(queue)s)
+    ORDER BY q.priority DESC, q.run_at, q.id
+    LIMIT %(limit)s
+    FOR NO KEY UPDATE SKIP LOCKED
+))
 -- The columns come back in the field order of worker_core.jobs.Job.
 RETURNING j.id, j.queue, j.payload, j.status, j.stage, j.state, j.attempt, j.max_attempts,
           j.deferrals, j.priority, j.run_at, j.correlation_id, j.last_error, j.errors,
@@ -195,7 +221,7 @@ WITH wanted AS MATERIALIZED (
 )
 UPDATE {schema}.jobs AS j
 SET status = 'running', attempt = j.attempt + 1, lease_owner = %(owner)s,
-    lease_token = gen_random_uuid(),
+    lease_token = {lease_token},
     lease_expires_at = now() + %(lease)s::float8 * interval '1 second', updated_at = now()
 FROM picked
 WHERE j.id = picked.id
@@ -208,14 +234,17 @@ RETURNING j.id, j.queue, j.payload, j.status, j.stage, j.state, j.attempt, j.max
 -- name: heartbeat
 -- One statement renews every lease a worker holds: (id, token) pairs, so a stale
 -- run and a newer claim of the same job are told apart. A token missing from the
--- result is a lease this worker lost. Rows are found by primary key (a nested
--- loop over the pairs), never through the lease index and its dead entries. The
--- second column says an operator asked to cancel the job: the polling fallback
--- for a worker that missed the NOTIFY.
+-- result is a lease this worker lost. A token implies status 'running'
+-- (constraint jobs_lease_token_only_when_running), so the token fence alone holds
+-- the status too, and the rows are found by primary key (a nested loop over the
+-- pairs): a `status = 'running'` condition would let the planner pick a partial
+-- index of running jobs instead and walk all of them, dead entries included, for
+-- every pair. The second column says an operator asked to cancel the job: the
+-- polling fallback for a worker that missed the NOTIFY.
 UPDATE {schema}.jobs AS j
 SET lease_expires_at = now() + %(lease)s::float8 * interval '1 second'
 FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[]) AS h(id, token)
-WHERE j.id = h.id AND j.status = 'running' AND j.lease_token = h.token
+WHERE j.id = h.id AND j.lease_token = h.token
 RETURNING j.lease_token::text, j.cancel_requested_at IS NOT NULL
 
 -- name: finish
@@ -223,49 +252,55 @@ RETURNING j.lease_token::text, j.cancel_requested_at IS NOT NULL
 -- cancel) in one statement, each fenced by its run's lease token. The batch is one
 -- JSON array of objects read by field name and type. An outcome names an event,
 -- not a status: the new status, and whether the attempt is refunded or a deferral
--- counted, come from {transitions}, the table rendered from worker_core.jobs (by
--- event and by whether a cancel of the job is requested: then an outcome that
--- would queue the job again cancels it), so a status change it does not allow is
--- not written. Delays are computed on the database clock, so worker clock skew
--- cannot move run_at. Error histories keep the first and the latest
--- %(keep_errors)s records (append_error). The same statement wakes idle workers
--- of each queue that has a job ready again, and tells waiters (Queue.wait) of
--- each waited-for job that finished.
+-- counted, come from {transitions}, the table rendered from worker_core.jobs: one
+-- row per event, each column a pair [without, with a cancel request] (with one,
+-- an outcome that would queue the job again cancels it), indexed by {cancel_pair}.
+-- A status change the table does not allow is not written. Delays are computed on
+-- the database clock, so worker clock skew cannot move run_at. Error histories
+-- keep the first and the latest %(keep_errors)s records (append_error, called only
+-- for an outcome that brings an error: the planner does not inline it). The same
+-- statement wakes idle workers of each queue that has a job ready again, and
+-- tells waiters (Queue.wait) of each waited-for job that finished: NOTIFYs from
+-- its RETURNING list, sent at commit (the server delivers a notification repeated
+-- in one transaction once), with no CTE or aggregate to run when nothing is told.
 WITH o AS (
     SELECT * FROM jsonb_to_recordset(%(outcomes)s::jsonb) AS o(
         id bigint, token uuid, event text, stage text, state jsonb, delay float8, error jsonb)
-), done AS (
-    UPDATE {schema}.jobs AS j
-    SET status = t.to_status,
-        stage = o.stage,
-        state = coalesce(o.state, j.state),
-        attempt = j.attempt - t.refund,
-        deferrals = j.deferrals + t.deferral,
-        run_at = CASE WHEN o.delay IS NULL THEN j.run_at
-                      ELSE now() + o.delay * interval '1 second' END,
-        lease_owner = CASE WHEN t.to_status = 'running' THEN j.lease_owner END,
-        lease_token = CASE WHEN t.to_status = 'running' THEN j.lease_token END,
-        lease_expires_at = CASE WHEN t.to_status = 'running' THEN j.lease_expires_at END,
-        cancel_requested_at = CASE WHEN t.to_status = 'running' THEN j.cancel_requested_at END,
-        last_error = coalesce(o.error, j.last_error),
-        errors = {schema}.append_error(j.errors, o.error, %(keep_errors)s),
-        errors_dropped = j.errors_dropped + CASE WHEN o.error IS NULL THEN 0
-            ELSE greatest(jsonb_array_length(j.errors) + 1 - %(keep_errors)s, 0) END,
-        finished_at = CASE WHEN t.to_status IN ('succeeded', 'dead', 'cancelled') THEN now() END,
-        updated_at = now()
-    FROM o, {transitions} AS t(from_status, event, cancel_requested, to_status, refund, deferral)
-    WHERE j.id = o.id AND j.status = 'running' AND j.lease_token = o.token
-      AND t.from_status = j.status AND t.event = o.event
-      AND t.cancel_requested = (j.cancel_requested_at IS NOT NULL)
-    RETURNING o.token::text AS token, j.id, j.queue, j.status, j.run_at, j.waited
-), told AS (
-    SELECT pg_notify(%(channel)s, q.queue)
-    FROM (SELECT DISTINCT queue FROM done WHERE status = 'queued' AND run_at <= now()) AS q
-    UNION ALL
-    SELECT pg_notify(%(done_channel)s, id::text)
-    FROM done WHERE waited AND status IN ('succeeded', 'dead', 'cancelled')
 )
-SELECT done.token, done.status FROM done CROSS JOIN (SELECT count(*) FROM told) AS w
+UPDATE {schema}.jobs AS j
+SET status = t.to_status[{cancel_pair}],
+    stage = o.stage,
+    state = coalesce(o.state, j.state),
+    attempt = j.attempt - t.refund[{cancel_pair}],
+    deferrals = j.deferrals + t.deferral[{cancel_pair}],
+    run_at = CASE WHEN o.delay IS NULL THEN j.run_at
+                  ELSE now() + o.delay * interval '1 second' END,
+    lease_owner = CASE WHEN t.to_status[{cancel_pair}] = 'running' THEN j.lease_owner END,
+    lease_token = CASE WHEN t.to_status[{cancel_pair}] = 'running' THEN j.lease_token END,
+    lease_expires_at = CASE WHEN t.to_status[{cancel_pair}] = 'running'
+                            THEN j.lease_expires_at END,
+    cancel_requested_at = CASE WHEN t.to_status[{cancel_pair}] = 'running'
+                               THEN j.cancel_requested_at END,
+    last_error = coalesce(o.error, j.last_error),
+    errors = CASE WHEN o.error IS NULL THEN j.errors
+                  ELSE {schema}.append_error(j.errors, o.error, %(keep_errors)s) END,
+    errors_dropped = j.errors_dropped + CASE WHEN o.error IS NULL THEN 0
+        ELSE greatest(jsonb_array_length(j.errors) + 1 - %(keep_errors)s, 0) END,
+    finished_at = CASE WHEN t.to_status[{cancel_pair}] IN ('succeeded', 'dead', 'cancelled')
+                       THEN now() END,
+    updated_at = now()
+FROM o JOIN {transitions} AS t(from_status, event, to_status, refund, deferral)
+     ON t.event = o.event
+-- The token fence implies status 'running' (constraint
+-- jobs_lease_token_only_when_running) and the transition row checks the status
+-- again; no `j.status = 'running'` here, which would let the planner walk a
+-- partial index of every running job for each outcome instead of the primary key.
+WHERE j.id = o.id AND j.lease_token = o.token AND t.from_status = j.status
+RETURNING o.token::text AS token, j.status,
+          CASE WHEN j.status = 'queued' AND j.run_at <= now()
+               THEN pg_notify(%(channel)s, j.queue)
+               WHEN j.waited AND j.status IN ('succeeded', 'dead', 'cancelled')
+               THEN pg_notify(%(done_channel)s, j.id::text) END IS NOT NULL AS told
 
 -- name: rescue
 -- Any worker returns jobs whose lease expired (their worker died or hung) to
@@ -375,6 +410,25 @@ WHERE s.schemaname = %(schema)s AND s.relname = 'jobs'
 SELECT s.n_dead_tup AS dead_rows, pg_has_role(c.relowner, 'USAGE') AS may_vacuum
 FROM pg_stat_user_tables AS s JOIN pg_class AS c ON c.oid = s.relid
 WHERE s.schemaname = %(schema)s AND s.relname = 'jobs'
+
+-- name: claim_index_size
+-- A claim index's size on disk and its live entries as of the last VACUUM or
+-- ANALYZE (reltuples), and whether this role may rebuild it (it owns the table).
+SELECT pg_relation_size(i.oid) AS bytes, greatest(i.reltuples, 0)::float8 AS entries,
+       pg_has_role(t.relowner, 'USAGE') AS may_reindex
+FROM pg_class AS i
+JOIN pg_index AS x ON x.indexrelid = i.oid
+JOIN pg_class AS t ON t.oid = x.indrelid
+WHERE i.oid = to_regclass(format('%%I.%%I', %(schema)s::text, %(index)s::text))
+
+-- name: claim_index_leftovers
+-- Invalid copies of the claim indexes that an interrupted REINDEX CONCURRENTLY
+-- left behind (it names them <index>_ccnew, _ccnew1, ..., _ccold): every write
+-- still maintains them until they are dropped.
+SELECT c.relname AS name
+FROM pg_index AS x JOIN pg_class AS c ON c.oid = x.indexrelid
+WHERE x.indrelid = to_regclass(format('%%I.jobs', %(schema)s::text)) AND NOT x.indisvalid
+  AND c.relname ~ '^jobs_claim(_kind)?_idx_cc(new|old)[0-9]*$'
 
 -- name: stage_counts
 -- For `worker-core status`: jobs by status and last completed stage.
