@@ -55,37 +55,35 @@ T = TypeVar("T")
 _ENDED = frozenset({JobStatus.SUCCEEDED, JobStatus.DEAD, JobStatus.CANCELLED})
 
 
+def _channel(schema: str, suffix: str, short: str) -> str:
+    """``worker_core_<schema><suffix>``, or a hash of the schema when that is longer
+    than PostgreSQL's 63-byte identifiers (the names are part of the wire protocol
+    between releases: never change them)."""
+    name = f"worker_core_{schema}{suffix}"
+    if len(name) > 63:
+        name = f"worker_core_{short}" + hashlib.sha1(schema.encode()).hexdigest()
+    return name
+
+
 def channel_name(schema: str) -> str:
     """The LISTEN/NOTIFY channel of a schema (payload: the queue name)."""
-    name = f"worker_core_{schema}"
-    if len(name) > 63:
-        name = "worker_core_" + hashlib.sha1(schema.encode()).hexdigest()
-    return name
+    return _channel(schema, "", "")
 
 
 def breaker_channel_name(schema: str) -> str:
     """The channel on which a fleet breaker trip is announced (payload: its name)."""
-    name = f"worker_core_{schema}_breakers"
-    if len(name) > 63:
-        name = "worker_core_b_" + hashlib.sha1(schema.encode()).hexdigest()
-    return name
+    return _channel(schema, "_breakers", "b_")
 
 
 def control_channel_name(schema: str) -> str:
     """The channel of operator commands to workers: JSON ``{"op": "cancel", "id": n}``,
     ``{"op": "pause" | "resume", "queue": name}``."""
-    name = f"worker_core_{schema}_control"
-    if len(name) > 63:
-        name = "worker_core_c_" + hashlib.sha1(schema.encode()).hexdigest()
-    return name
+    return _channel(schema, "_control", "c_")
 
 
 def done_channel_name(schema: str) -> str:
     """The channel on which a waited-for job's end is announced (payload: its id)."""
-    name = f"worker_core_{schema}_done"
-    if len(name) > 63:
-        name = "worker_core_d_" + hashlib.sha1(schema.encode()).hexdigest()
-    return name
+    return _channel(schema, "_done", "d_")
 
 
 class Queue(ConsoleMethods):
