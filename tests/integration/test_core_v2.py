@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
+from lease_helpers import expire_and_rescue
 from offload_helpers import fail, sum_of_squares
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
@@ -157,13 +158,8 @@ async def test_a_job_claimed_again_by_the_same_worker_cancels_its_stale_run_firs
     worker = Worker(config, [Step("work", work)])
     async with running(worker):
         await asyncio.wait_for(started.wait(), 10)
-        async with queue.connection() as conn:  # the lease runs out (as if the loop hung)
-            await conn.execute(
-                sql.SQL("UPDATE {}.jobs SET lease_expires_at = now() - interval '1 s'").format(
-                    sql.Identifier(queue.schema)
-                )
-            )
-        assert await queue.rescue() == 1  # NOTIFY: the same worker claims it again
+        # The lease runs out (as if the loop hung); NOTIFY: the same worker claims it again
+        assert await expire_and_rescue(queue, job_id) == [job_id]
         job = await wait_for_status(queue, job_id, JobStatus.SUCCEEDED, timeout=20)
     assert events == ["start 1", "stale run cancelled", "start 2"]
     assert (job.attempt, job.state) == (2, {"by_attempt": 2})

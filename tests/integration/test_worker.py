@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from lease_helpers import expire_and_rescue
 from psycopg import sql
 
 from worker_core import (
@@ -314,15 +315,9 @@ async def test_stale_worker_completion_is_rejected_by_the_fence(
     stale = Worker(config, [Step("work", blocked)])
     async with running(stale):
         await asyncio.wait_for(started.wait(), 10)
-        # LISTEN coming up renews the leases once: let that pass before the lease goes.
-        await wait_for(lambda: _value(stale.snapshot().listener_connected), what="LISTEN")
-        async with queue.connection() as conn:  # the lease runs out (as if the worker hung)
-            await conn.execute(
-                sql.SQL("UPDATE {}.jobs SET lease_expires_at = now() - interval '1 s'").format(
-                    sql.Identifier(queue.schema)
-                )
-            )
-        assert [r[0] for r in await queue.rescue_expired()] == [job_id]
+        # The lease runs out (as if the worker hung); a renewal that races it (LISTEN
+        # coming up renews once) only makes the helper end it again.
+        assert await expire_and_rescue(queue, job_id) == [job_id]
         [rescued] = await queue.claim("new-owner", 1, lease_seconds=60)
         assert rescued.attempt == 2
         release.set()
