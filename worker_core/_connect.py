@@ -34,6 +34,13 @@ if TYPE_CHECKING:
 __all__ = ["behind_pooler", "connect_failure_hint", "connect_once", "open_pool", "server_message"]
 
 _DSN_SETTING = "database.dsn (WORKER_CORE_DATABASE__DSN)"
+
+# How long one series of reconnect attempts of a pool lasts before it gives up (and
+# the next request for a connection starts a new series). psycopg_pool waits 1 s,
+# then doubles the wait at every failure up to this bound: with its own default of
+# minutes, a server back after a 30 s outage was only tried again some 30 s later.
+# Short series keep the wait between two attempts at 2 s whatever the outage.
+RECONNECT_SERIES_SECONDS = 4.0
 #: Failures no retry can fix, by libpq's or the server's (English) message, each with
 #: what to do. A server whose lc_messages is another language falls back to retrying.
 _PERMANENT: tuple[tuple[re.Pattern[str], str], ...] = tuple(
@@ -177,7 +184,7 @@ async def open_pool(
         name=f"worker_core.{db.schema}",
         configure=configure,
         timeout=db.connect_timeout,
-        reconnect_timeout=max(60.0, db.connect_timeout),
+        reconnect_timeout=RECONNECT_SERIES_SECONDS,
     )
     remaining = max(0.1, db.connect_timeout - (time.monotonic() - started))
     try:

@@ -221,7 +221,7 @@ def _open_pool(config: WorkerConfig) -> ConnectionPool:
     rules as the async pool: a failure no retry can fix is raised at once)."""
     from psycopg_pool import ConnectionPool, PoolTimeout
 
-    from ._connect import connect_failure_hint, server_message
+    from ._connect import RECONNECT_SERIES_SECONDS, connect_failure_hint, server_message
 
     db = config.database
     dsn = config.dsn()
@@ -253,7 +253,7 @@ def _open_pool(config: WorkerConfig) -> ConnectionPool:
         name=f"worker_core.sync.{db.schema}",
         configure=_configure_connection,
         timeout=db.connect_timeout,
-        reconnect_timeout=max(60.0, db.connect_timeout),
+        reconnect_timeout=RECONNECT_SERIES_SECONDS,
     )
     try:
         pool.open(wait=True, timeout=db.connect_timeout)

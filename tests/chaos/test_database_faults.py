@@ -99,6 +99,14 @@ async def _progress(seen: Counter[int], n: int) -> bool:
     return len(seen) >= n
 
 
+async def _enqueue(queue: Queue, ids: list[int]) -> bool:
+    try:
+        ids.append(await queue.enqueue({"i": len(ids)}))
+    except Exception:
+        return False  # the test's own pool reconnects too
+    return True
+
+
 async def _all_done(queue: Queue, ids: list[int]) -> bool:
     try:
         stats = await queue.stats()
@@ -165,3 +173,40 @@ async def test_server_restart(
     assert len(seen) == jobs
     for w in workers:  # LISTEN came back after every restart
         assert w.snapshot().listener_connects >= 1 + faults, w.snapshot()
+
+
+@pytest.mark.timeout(120)
+async def test_a_long_outage_is_left_within_seconds_of_the_server_coming_back(
+    queue: Queue, make_config: Callable[..., WorkerConfig], pg_server: Any
+) -> None:
+    """The pool's reconnect attempts back off while the server is away; after a long
+    outage the worker must still be back at work within seconds of its return.
+
+    psycopg_pool doubles the wait between attempts up to its reconnect timeout; the
+    pools keep each series of attempts short (``RECONNECT_SERIES_SECONDS``), so two
+    attempts are never more than about 2 s apart, whatever the outage."""
+    if pg_server is None:
+        pytest.skip("needs the embedded server (WORKER_CORE_TEST_DSN is set)")
+    config = fault_config(make_config)
+    seen: Counter[int] = Counter()
+    worker = Steady(config, seen)
+    task = asyncio.create_task(worker.run(install_signal_handlers=False))
+    try:
+        first = await queue.enqueue({"i": 0})
+        await wait_for(lambda: _progress(seen, 1), timeout=30, what="the first job")
+        await asyncio.to_thread(pg_server.stop, "fast")
+        # Long enough for reconnect attempts doubling their wait to fall 15 s apart.
+        await asyncio.sleep(16.0)
+        await asyncio.to_thread(pg_server.start_again)
+        back = time.monotonic()
+        ids = [first]
+        await wait_for(lambda: _enqueue(queue, ids), timeout=30, interval=0.1)  # not timed
+        enqueued = time.monotonic()
+        await wait_for(lambda: _all_done(queue, ids), timeout=60, interval=0.1)
+        recovered = time.monotonic() - enqueued
+        print(f"\n[long outage] enqueue after {enqueued - back:.1f}s, done {recovered:.1f}s later")
+        assert recovered < 6.0
+    finally:
+        await asyncio.to_thread(pg_server.start_again)
+        await worker.stop()
+        await asyncio.gather(task, return_exceptions=True)
