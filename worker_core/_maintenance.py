@@ -313,6 +313,15 @@ class Maintenance:
                 )
                 return {}
             bloated[index] = (before, entries)
+        if bloated:
+            # reltuples is an estimate as of the last VACUUM or ANALYZE: on a table
+            # never analyzed, or grown since, a healthy index looks bloated. Count.
+            entries = float(await self._queued_count())
+            bloated = {
+                index: (before, entries)
+                for index, (before, _) in bloated.items()
+                if before >= max(REINDEX_MIN_BYTES, factor * entries * CLAIM_INDEX_ENTRY_BYTES)
+            }
         if not bloated:
             return {}
         held, _ = await queue.take_lease(REINDEX_LEASE, self._owner, REINDEX_LEASE_SECONDS)
@@ -355,6 +364,12 @@ class Maintenance:
             with contextlib.suppress(Exception):
                 await queue.release_lease(REINDEX_LEASE, self._owner)
         return rebuilt
+
+    async def _queued_count(self) -> int:
+        async with self._queue.connection() as conn:
+            cur = await conn.execute(self._queue._sql["claim_index_entries"])
+            row = await cur.fetchone()
+        return int(row[0]) if row is not None else 0
 
     async def _index_size(self, index: str) -> tuple[int, float, bool] | None:
         async with self._queue.connection() as conn:

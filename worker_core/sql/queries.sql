@@ -421,6 +421,12 @@ JOIN pg_index AS x ON x.indexrelid = i.oid
 JOIN pg_class AS t ON t.oid = x.indrelid
 WHERE i.oid = to_regclass(format('%%I.%%I', %(schema)s::text, %(index)s::text))
 
+-- name: claim_index_entries
+-- The live entries of the claim indexes, counted: both hold the queued jobs. Read
+-- only when their size looks bloated against reltuples, which an index never
+-- analyzed (0 when it was created on an empty table) or grown since understates.
+SELECT count(*) FROM {schema}.jobs WHERE status = 'queued'
+
 -- name: claim_index_leftovers
 -- Invalid copies of the claim indexes that an interrupted REINDEX CONCURRENTLY
 -- left behind (it names them <index>_ccnew, _ccnew1, ..., _ccold): every write
