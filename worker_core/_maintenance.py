@@ -316,7 +316,9 @@ class Maintenance:
         if bloated:
             # reltuples is an estimate as of the last VACUUM or ANALYZE: on a table
             # never analyzed, or grown since, a healthy index looks bloated. Count.
-            entries = float(await self._queued_count())
+            per_entry = factor * CLAIM_INDEX_ENTRY_BYTES
+            enough = max(before for before, _ in bloated.values()) // per_entry + 1
+            entries = float(await self._queued_count(int(enough)))
             bloated = {
                 index: (before, entries)
                 for index, (before, _) in bloated.items()
@@ -365,9 +367,10 @@ class Maintenance:
                 await queue.release_lease(REINDEX_LEASE, self._owner)
         return rebuilt
 
-    async def _queued_count(self) -> int:
+    async def _queued_count(self, enough: int) -> int:
+        """The queued jobs (the claim indexes' live entries), counted up to ``enough``."""
         async with self._queue.connection() as conn:
-            cur = await conn.execute(self._queue._sql["claim_index_entries"])
+            cur = await conn.execute(self._queue._sql["claim_index_entries"], {"enough": enough})
             row = await cur.fetchone()
         return int(row[0]) if row is not None else 0
 

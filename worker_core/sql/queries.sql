@@ -425,7 +425,8 @@ WHERE i.oid = to_regclass(format('%%I.%%I', %(schema)s::text, %(index)s::text))
 -- The live entries of the claim indexes, counted: both hold the queued jobs. Read
 -- only when their size looks bloated against reltuples, which an index never
 -- analyzed (0 when it was created on an empty table) or grown since understates.
-SELECT count(*) FROM {schema}.jobs WHERE status = 'queued'
+-- Counting stops at %(enough)s: that many entries already make the index healthy.
+SELECT count(*) FROM (SELECT FROM {schema}.jobs WHERE status = 'queued' LIMIT %(enough)s) AS q
 
 -- name: claim_index_leftovers
 -- Invalid copies of the claim indexes that an interrupted REINDEX CONCURRENTLY
