@@ -134,6 +134,7 @@ def start(kind: str, transport: str, *, pg_stat_statements: bool = False) -> Ite
     ]
     if pg_stat_statements:
         options.append("-c shared_preload_libraries=pg_stat_statements")
+        options.append("-c pg_stat_statements.track_planning=on")
     started = False
     try:
         subprocess.run(
@@ -388,7 +389,7 @@ class Statements:
         with psycopg.connect(self.admin, autocommit=True) as conn:
             dbid = self._dbid(conn, dbname) if dbname else None
             rows = conn.execute(
-                "SELECT calls, mean_exec_time, total_exec_time, rows, "
+                "SELECT calls, mean_exec_time, total_exec_time, rows, plans::text || chr(47) || round(mean_plan_time::numeric,3)::text || chr(32) || "
                 "regexp_replace(query, '\\s+', ' ', 'g') FROM pg_stat_statements "
                 "WHERE (%(dbid)s::oid IS NULL OR dbid = %(dbid)s) AND calls > 0 "
                 "ORDER BY total_exec_time DESC LIMIT %(limit)s",

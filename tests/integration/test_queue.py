@@ -16,7 +16,7 @@ from psycopg import sql
 from worker_core import JobStatus, Queue, WorkerConfig
 from worker_core.errors import PayloadError
 from worker_core.jobs import Transition
-from worker_core.outcomes import Outcome, bury, defer, succeed
+from worker_core.outcomes import Outcome, bury, checkpoint, defer, succeed
 
 
 async def count_rows(queue: Queue) -> int:
@@ -273,6 +273,46 @@ async def test_finish_is_fenced_by_the_lease_token(queue: Queue) -> None:
     done = await queue.get(job_id)
     assert done is not None
     assert (done.status, done.lease_token, done.lease_owner) == (JobStatus.SUCCEEDED, None, None)
+
+
+async def test_a_batch_of_successes_writes_what_a_mixed_batch_writes(queue: Queue) -> None:
+    # Success-only batches take a statement of their own (no transition table); a
+    # batch with anything else takes the general one. The rows must not differ.
+    ids = [await queue.enqueue({"n": n}, dedupe_key=f"k{n}") for n in range(4)]
+    jobs = {j.id: j for j in await queue.claim("w1", 4, lease_seconds=30)}
+    a, b, c, d = (jobs[i] for i in ids)
+    await queue.cancel(b.id)  # a standing cancel request does not change a success
+    await queue.cancel(d.id)
+    plain = [succeed(a, stage="s", state='{"x": 1}'), succeed(b, stage="s", state=None)]
+    assert await queue.finish(plain) == {a.lease_token, b.lease_token}
+    mixed = [
+        succeed(c, stage="s", state='{"x": 1}'),
+        succeed(d, stage="s", state=None),
+        checkpoint(replace(a, lease_token=str(uuid.uuid4())), stage="s", state="{}"),
+    ]
+    assert await queue.finish(mixed) == {c.lease_token, d.lease_token}
+    columns = (
+        "status, stage, state, attempt, deferrals, run_at = created_at, lease_owner, lease_token, "
+        "lease_expires_at, cancel_requested_at, last_error, errors, errors_dropped, "
+        "finished_at IS NOT NULL, updated_at >= created_at"
+    )
+    rows = await queue_rows(queue, columns, ids)
+    assert rows[ids[0]] == rows[ids[2]]
+    assert rows[ids[1]] == rows[ids[3]]
+    assert rows[ids[0]][:3] == ("succeeded", "s", {"x": 1})
+    assert rows[ids[1]][:3] == ("succeeded", "s", {})
+    assert rows[ids[1]][9] is None  # the cancel request is cleared
+
+
+async def queue_rows(queue: Queue, columns: str, ids: list[int]) -> dict[int, tuple[Any, ...]]:
+    async with queue.connection() as conn:
+        cur = await conn.execute(
+            sql.SQL("SELECT id, " + columns + " FROM {}.jobs WHERE id = ANY(%s)").format(
+                sql.Identifier(queue.schema)
+            ),
+            (ids,),
+        )
+        return {row[0]: tuple(row[1:]) for row in await cur.fetchall()}
 
 
 async def test_a_stale_run_of_the_same_worker_is_fenced_after_a_deferral(queue: Queue) -> None:

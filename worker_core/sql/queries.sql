@@ -302,6 +302,27 @@ RETURNING o.token::text AS token, j.status,
                WHEN j.waited AND j.status IN ('succeeded', 'dead', 'cancelled')
                THEN pg_notify(%(done_channel)s, j.id::text) END IS NOT NULL AS told
 
+-- name: finish_succeeded
+-- `finish` for the common batch: every outcome a success without error or delay.
+-- It writes what `finish` writes for the event succeed (running -> succeeded, in
+-- the transition table with or without a cancel request; no refund, no deferral, the
+-- error history untouched), without reading the transition table, and tells only
+-- waiters (a succeeded job is never ready again). The same token fence.
+UPDATE {schema}.jobs AS j
+SET status = 'succeeded',
+    stage = o.stage,
+    state = coalesce(o.state, j.state),
+    lease_owner = NULL,
+    lease_token = NULL,
+    lease_expires_at = NULL,
+    cancel_requested_at = NULL,
+    finished_at = now(),
+    updated_at = now()
+FROM jsonb_to_recordset(%(outcomes)s::jsonb) AS o(id bigint, token uuid, stage text, state jsonb)
+WHERE j.id = o.id AND j.lease_token = o.token
+RETURNING o.token::text AS token, j.status,
+          CASE WHEN j.waited THEN pg_notify(%(done_channel)s, j.id::text) END IS NOT NULL AS told
+
 -- name: rescue
 -- Any worker returns jobs whose lease expired (their worker died or hung) to
 -- queued, or to dead when their attempts are spent, or to cancelled when an
