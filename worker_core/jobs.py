@@ -195,9 +195,15 @@ class Job:
         return max(0, self.max_attempts - self.attempt)
 
     @classmethod
-    def from_claim(cls, row: Sequence[Any]) -> Job:
-        """A job from a row of the ``claim`` query (its columns follow the field order)."""
-        return cls(row[0], row[1], row[2], JobStatus.RUNNING, *row[4:])
+    def from_claim(cls, row: Sequence[Any], owner: str) -> Job:
+        """A job that ``owner`` just claimed, from a row of the claim statements: the
+        fields in their order but for status (running), finished_at (none) and
+        lease_owner (``owner``), which the database need not send."""
+        return cls(
+            row[0], row[1], row[2], JobStatus.RUNNING, row[3], row[4], row[5], row[6],
+            row[7], row[8], row[9], row[10], row[11], row[12], row[13], row[14], None,
+            row[15], owner, row[16], row[17], row[18], row[19],
+        )  # fmt: skip
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> Job:

@@ -484,7 +484,7 @@ class Queue(ConsoleMethods):
             name = "claim_kinds"
         async with self.connection(connection) as conn:
             cur = await conn.execute(self._sql[name], params)
-            jobs = [Job.from_claim(row) for row in await cur.fetchall()]
+            jobs = [Job.from_claim(row, owner) for row in await cur.fetchall()]
         # RETURNING follows the join, not the pick: put the best first again.
         jobs.sort(key=_claim_order)
         return jobs

@@ -153,11 +153,12 @@ SET status = 'running', attempt = j.attempt + 1, lease_owner = %(owner)s,
     lease_expires_at = now() + %(lease)s::float8 * interval '1 second', updated_at = now()
 FROM picked
 WHERE j.id = picked.id
--- The columns come back in the field order of worker_core.jobs.Job.
-RETURNING j.id, j.queue, j.payload, j.status, j.stage, j.state, j.attempt, j.max_attempts,
+-- The columns of worker_core.jobs.Job.from_claim: the fields in their order, but
+-- for status, finished_at and lease_owner (running, NULL and %(owner)s here).
+RETURNING j.id, j.queue, j.payload, j.stage, j.state, j.attempt, j.max_attempts,
           j.deferrals, j.priority, j.run_at, j.correlation_id, j.last_error, j.errors,
-          j.created_at, j.updated_at, j.finished_at, j.dedupe_key, j.lease_owner,
-          j.lease_expires_at, j.lease_token::text, j.errors_dropped, j.kind
+          j.created_at, j.updated_at, j.dedupe_key, j.lease_expires_at,
+          j.lease_token::text, j.errors_dropped, j.kind
 
 -- name: claim_one
 -- The claim of the common case: one queue, any kind, no max_running. The rows are
@@ -178,11 +179,12 @@ WHERE j.id = ANY(ARRAY(
     LIMIT %(limit)s
     FOR NO KEY UPDATE SKIP LOCKED
 ))
--- The columns come back in the field order of worker_core.jobs.Job.
-RETURNING j.id, j.queue, j.payload, j.status, j.stage, j.state, j.attempt, j.max_attempts,
+-- The columns of worker_core.jobs.Job.from_claim: the fields in their order, but
+-- for status, finished_at and lease_owner (running, NULL and %(owner)s here).
+RETURNING j.id, j.queue, j.payload, j.stage, j.state, j.attempt, j.max_attempts,
           j.deferrals, j.priority, j.run_at, j.correlation_id, j.last_error, j.errors,
-          j.created_at, j.updated_at, j.finished_at, j.dedupe_key, j.lease_owner,
-          j.lease_expires_at, j.lease_token::text, j.errors_dropped, j.kind
+          j.created_at, j.updated_at, j.dedupe_key, j.lease_expires_at,
+          j.lease_token::text, j.errors_dropped, j.kind
 
 -- name: claim_kinds
 -- The claim of a worker that knows only the kinds %(kinds)s (it defines
@@ -225,11 +227,12 @@ SET status = 'running', attempt = j.attempt + 1, lease_owner = %(owner)s,
     lease_expires_at = now() + %(lease)s::float8 * interval '1 second', updated_at = now()
 FROM picked
 WHERE j.id = picked.id
--- The columns come back in the field order of worker_core.jobs.Job.
-RETURNING j.id, j.queue, j.payload, j.status, j.stage, j.state, j.attempt, j.max_attempts,
+-- The columns of worker_core.jobs.Job.from_claim: the fields in their order, but
+-- for status, finished_at and lease_owner (running, NULL and %(owner)s here).
+RETURNING j.id, j.queue, j.payload, j.stage, j.state, j.attempt, j.max_attempts,
           j.deferrals, j.priority, j.run_at, j.correlation_id, j.last_error, j.errors,
-          j.created_at, j.updated_at, j.finished_at, j.dedupe_key, j.lease_owner,
-          j.lease_expires_at, j.lease_token::text, j.errors_dropped, j.kind
+          j.created_at, j.updated_at, j.dedupe_key, j.lease_expires_at,
+          j.lease_token::text, j.errors_dropped, j.kind
 
 -- name: heartbeat
 -- One statement renews every lease a worker holds: (id, token) pairs, so a stale
