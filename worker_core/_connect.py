@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from psycopg import AsyncConnection
@@ -112,9 +113,15 @@ def connect_failure_hint(exc: BaseException) -> str | None:
 
 
 async def connect_once(
-    config: WorkerConfig, *, dsn: str | None = None, timeout: float | None = None
+    config: WorkerConfig,
+    *,
+    dsn: str | None = None,
+    timeout: float | None = None,
+    probe: Callable[[AsyncConnection[Any]], Awaitable[bool]] | None = None,
 ) -> str | None:
-    """Open and close one connection.
+    """Open and close one connection (running ``probe`` on it in between, so what
+    else a caller wants to learn from the server costs no connection of its own; a
+    probe that returns True keeps the connection, and must close it).
 
     Returns ``None`` when it worked and the server's message when it failed in a
     way a retry may fix. Raises ``ConnectionError`` with the server's message and
@@ -140,20 +147,34 @@ async def connect_once(
                 f"cannot connect to PostgreSQL at {mask_dsn(conninfo)}: {message} (hint: {hint})"
             ) from None
         return message
-    await conn.close()
+    kept = False
+    try:
+        if probe is not None:
+            kept = await probe(conn)
+    finally:
+        if not kept:
+            await conn.close()
     return None
 
 
 async def open_pool(
-    config: WorkerConfig, *, min_size: int | None = None, max_size: int | None = None
+    config: WorkerConfig,
+    *,
+    min_size: int | None = None,
+    max_size: int | None = None,
+    probe: Callable[[AsyncConnection[Any]], Awaitable[bool]] | None = None,
 ) -> AsyncConnectionPool:
-    """Open an autocommit connection pool for ``config``, or fail with one clear line."""
+    """Open an autocommit connection pool for ``config``, or fail with one clear line.
+
+    A first connection of its own tells a failure no retry fixes at once (with the
+    server's reason); ``probe`` runs on it when it works (see ``connect_once``).
+    """
     from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
     db = config.database
     dsn = config.dsn()
     started = time.monotonic()
-    last_error = await connect_once(config)
+    last_error = await connect_once(config, probe=probe)
     told: list[bool] = []  # the pooler is logged once per pool, not per connection
 
     async def configure(conn: AsyncConnection[Any]) -> None:

@@ -142,27 +142,41 @@ class Maintenance:
         self._reread_paused.set()
         self._beat_now.set()
 
+    async def read_paused(self, apply: Callable[[list[str], bool], None]) -> bool:
+        """Tell ``apply`` which of the worker's queues are paused and which are not;
+        False (logged) when they could not be read."""
+        names = set(self._config.queue.names)
+        self._reread_paused.clear()  # what this read sees covers any earlier sign
+        try:
+            paused = set(await self._queue.paused()) & names
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._logger.warning(
+                "reading paused queues failed",
+                error=redact_text(str(exc)),
+                error_type=type(exc).__name__,
+            )
+            return False
+        apply(sorted(paused), True)
+        apply(sorted(names - paused), False)
+        return True
+
     async def paused_loop(
-        self, listening: Callable[[], bool], apply: Callable[[list[str], bool], None]
+        self,
+        listening: Callable[[], bool],
+        apply: Callable[[list[str], bool], None],
+        *,
+        read_first: bool = True,
     ) -> None:
         """Tell ``apply`` which of the worker's queues are paused and which are not:
-        at start, after ``listen_connected()``, and every poll interval while not
-        ``listening()``."""
-        names = set(self._config.queue.names)
+        at start (unless ``read_first`` is False: the caller has just read them), after
+        ``listen_connected()``, and every poll interval while not ``listening()``."""
+        skip = not read_first
         while True:
-            try:
-                paused = set(await self._queue.paused()) & names
-                apply(sorted(paused), True)
-                apply(sorted(names - paused), False)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                self._logger.warning(
-                    "reading paused queues failed",
-                    error=redact_text(str(exc)),
-                    error_type=type(exc).__name__,
-                )
-            self._reread_paused.clear()
+            if not skip:
+                await self.read_paused(apply)
+            skip = False
             while True:
                 try:
                     async with asyncio.timeout(self._config.queue.poll_interval):
@@ -202,12 +216,17 @@ class Maintenance:
                 settings.vacuum_check_interval, self.vacuum, "vacuuming the jobs table failed"
             )
 
-    async def reindex_loop(self) -> None:
+    async def reindex_loop(self, *, look_now: bool = True) -> None:
+        """Rebuild bloated claim indexes (``reindex``) every check interval; the first
+        look at once, unless ``look_now`` is False (``claim_indexes_bloated`` was
+        just asked at start-up and said no)."""
         settings = self._config.maintenance
         if settings.reindex_claim_index_factor is not None:
-            # The first look at start-up, not at a random point of the interval: a
-            # worker started on an aged table rebuilds before its first claims pile
-            # up (the lease keeps a fleet started together to one rebuild).
+            if not look_now:
+                await asyncio.sleep(settings.reindex_check_interval)
+            # Otherwise the first look at start-up, not at a random point of the
+            # interval: a worker started on an aged table rebuilds before its first
+            # claims pile up (the lease keeps a fleet started together to one rebuild).
             await self._every(
                 settings.reindex_check_interval,
                 self.reindex,
@@ -279,25 +298,12 @@ class Maintenance:
             )
         return dead_rows
 
-    async def reindex(self) -> dict[str, tuple[int, int]]:
-        """Rebuild each claim index (``CLAIM_INDEXES``, ``REINDEX INDEX
-        CONCURRENTLY``) that is ``maintenance.reindex_claim_index_factor`` times the
-        size its live entries need and over ``REINDEX_MIN_BYTES``, unless another
-        worker is rebuilding; returns the size in bytes before and after of each
-        index rebuilt (empty: none).
-
-        Why: VACUUM removes the dead entries of claimed jobs but gives an index page
-        back only once it is empty, and a claim scan starts at the end where the
-        oldest jobs were. Concurrently: claims and outcome writes go on meanwhile.
-        One worker at a time through a lease row (not an advisory lock: REINDEX
-        CONCURRENTLY cannot run in a transaction, and a session lock does not
-        survive PgBouncer's transaction pooling). Invalid copies left by an
-        interrupted rebuild are dropped first.
-        """
+    async def claim_indexes_bloated(self) -> dict[str, tuple[int, float]]:
+        """The claim indexes ``reindex`` would rebuild now: ``{index: (bytes, live
+        entries)}`` (empty: none, or rebuilding is off or not allowed to this role)."""
         factor = self._config.maintenance.reindex_claim_index_factor
         if factor is None or self._may_not_reindex:
             return {}
-        queue, schema = self._queue, self._queue.schema
         bloated: dict[str, tuple[int, float]] = {}
         for index in CLAIM_INDEXES:
             size = await self._index_size(index)
@@ -322,10 +328,29 @@ class Maintenance:
             bloated = {
                 index: (before, entries)
                 for index, (before, _) in bloated.items()
-                if before >= max(REINDEX_MIN_BYTES, factor * entries * CLAIM_INDEX_ENTRY_BYTES)
+                if before >= max(REINDEX_MIN_BYTES, per_entry * entries)
             }
+        return bloated
+
+    async def reindex(self) -> dict[str, tuple[int, int]]:
+        """Rebuild each claim index (``CLAIM_INDEXES``, ``REINDEX INDEX
+        CONCURRENTLY``) that is ``maintenance.reindex_claim_index_factor`` times the
+        size its live entries need and over ``REINDEX_MIN_BYTES``, unless another
+        worker is rebuilding; returns the size in bytes before and after of each
+        index rebuilt (empty: none).
+
+        Why: VACUUM removes the dead entries of claimed jobs but gives an index page
+        back only once it is empty, and a claim scan starts at the end where the
+        oldest jobs were. Concurrently: claims and outcome writes go on meanwhile.
+        One worker at a time through a lease row (not an advisory lock: REINDEX
+        CONCURRENTLY cannot run in a transaction, and a session lock does not
+        survive PgBouncer's transaction pooling). Invalid copies left by an
+        interrupted rebuild are dropped first.
+        """
+        bloated = await self.claim_indexes_bloated()
         if not bloated:
             return {}
+        queue, schema = self._queue, self._queue.schema
         held, _ = await queue.take_lease(REINDEX_LEASE, self._owner, REINDEX_LEASE_SECONDS)
         if not held:
             return {}

@@ -23,11 +23,15 @@ import contextlib
 import json
 import random
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from .config import WorkerConfig
 from .logs import StructuredLogger
 from .queue import Queue, behind_pooler
 from .redact import mask_dsn, redact_text
+
+if TYPE_CHECKING:
+    from psycopg import AsyncConnection
 
 __all__ = ["Notifier", "check_listen_target"]
 
@@ -38,8 +42,11 @@ _POOLED_LISTEN_DSN = (
 )
 
 
-async def check_listen_target(config: WorkerConfig, logger: StructuredLogger) -> bool:
-    """Whether the worker may LISTEN; False means it polls only.
+async def check_listen_target(
+    config: WorkerConfig, logger: StructuredLogger, *, pooled: bool | None = None
+) -> bool:
+    """Whether the worker may LISTEN; False means it polls only. ``pooled``: whether
+    ``config.listen_dsn()`` reaches a pooler, if already known (else asked here).
 
     Raises:
         RuntimeError: ``database.listen_dsn`` goes through a connection pooler.
@@ -47,16 +54,17 @@ async def check_listen_target(config: WorkerConfig, logger: StructuredLogger) ->
     from psycopg import AsyncConnection
 
     dsn = config.listen_dsn()
-    try:
-        conn = await AsyncConnection.connect(
-            dsn, autocommit=True, **config.database.connection_params(dsn)
-        )
-    except Exception:
-        return True  # unreachable now: the notifier retries and the worker polls meanwhile
-    try:
-        pooled = await behind_pooler(conn)
-    finally:
-        await conn.close()
+    if pooled is None:
+        try:
+            conn = await AsyncConnection.connect(
+                dsn, autocommit=True, **config.database.connection_params(dsn)
+            )
+        except Exception:
+            return True  # unreachable now: the notifier retries and the worker polls meanwhile
+        try:
+            pooled = await behind_pooler(conn)
+        finally:
+            await conn.close()
     if not pooled:
         return True
     if config.database.listen_dsn is not None:
@@ -85,8 +93,12 @@ class Notifier:
         on_connect: Callable[[], None] | None = None,
         rng: random.Random | None = None,
         enabled: bool = True,
+        first_connection: AsyncConnection[Any] | None = None,
     ) -> None:
         self._config = config
+        #: An open connection to LISTEN on first (to the listen DSN, no pooler in
+        #: between, autocommit): the worker's start-up probe. Owned from here on.
+        self._first = first_connection
         #: False: LISTEN is off (the target is a pooler) and the worker polls only.
         self.enabled = enabled
         self._channel = queue.channel
@@ -104,6 +116,8 @@ class Notifier:
         self.connected = False
         #: How many times it was (re)established.
         self.connects = 0
+        #: Set once the first attempt to LISTEN ended, whichever way.
+        self.first_attempt = asyncio.Event()
 
     async def run(self) -> None:
         from psycopg import AsyncConnection, sql
@@ -113,20 +127,25 @@ class Notifier:
         names = frozenset(self._config.queue.names)
         database = self._config.database
         dsn = self._config.listen_dsn()
+        name = f"{database.application_name}.listen"[:63]
         while self.enabled:
-            conn = None
+            conn, first, self._first = self._first, self._first is not None, None
             try:
-                conn = await AsyncConnection.connect(
-                    dsn,
-                    autocommit=True,
-                    application_name=f"{database.application_name}.listen"[:63],
-                    # Keepalives: an idle LISTEN connection on a dead path is otherwise
-                    # never noticed, and the worker would wait for NOTIFYs forever.
-                    **database.connection_params(dsn),
-                )
-                if await behind_pooler(conn):  # it became one since start-up
+                if conn is not None:
+                    await conn.execute("SELECT set_config('application_name', %s, false)", (name,))
+                else:
+                    conn = await AsyncConnection.connect(
+                        dsn,
+                        autocommit=True,
+                        application_name=name,
+                        # Keepalives: an idle LISTEN connection on a dead path is otherwise
+                        # never noticed, and the worker would wait for NOTIFYs forever.
+                        **database.connection_params(dsn),
+                    )
+                if not first and await behind_pooler(conn):  # it became one since start-up
                     self._logger.error(_POOLED_LISTEN_DSN + "; polling only")
                     self.enabled = False
+                    self.first_attempt.set()
                     return
                 for channel in (self._channel, self._breaker_channel, self._control_channel):
                     await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
@@ -136,6 +155,7 @@ class Notifier:
                 self._on_work()  # catch up on what was sent while disconnected
                 if self._on_connect is not None:
                     self._on_connect()
+                self.first_attempt.set()
                 while True:
                     async for notice in conn.notifies(timeout=30.0):
                         if notice.channel == self._breaker_channel:
@@ -159,6 +179,7 @@ class Notifier:
                     )
                 failing = True
                 self.connected = False
+                self.first_attempt.set()
                 await asyncio.sleep(delay * (0.5 + self._rng.random()))
                 delay = min(delay * 2, 2.0)
             finally:
@@ -166,6 +187,14 @@ class Notifier:
                 if conn is not None:
                     with contextlib.suppress(Exception):
                         await conn.close()
+        await self.close_unused()
+
+    async def close_unused(self) -> None:
+        """Close the first connection if ``run`` never took it (LISTEN is off)."""
+        conn, self._first = self._first, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.close()
 
     def _control(self, payload: str) -> None:
         """Act on an operator's command; anything malformed is ignored (anyone who may

@@ -39,7 +39,7 @@ from ._watchdog import StallWatchdog
 from .config import WorkerConfig
 from .logs import StructuredLogger
 from .metrics import ProcessingMetrics
-from .queue import Queue, open_pool
+from .queue import Queue, behind_pooler, open_pool
 from .schedules import start_schedules, validate_schedules
 from .snapshot import HealthCheck, WorkerSnapshot, WorkerView
 from .sql import migrations
@@ -55,6 +55,10 @@ if TYPE_CHECKING:
     from .server import HealthServer
 
 __all__ = ["CORE_CONNECTIONS", "RunParts", "Runtime"]
+
+#: How long a starting worker waits for its first LISTEN attempt before its first
+#: reads (seconds): a bound only, the attempt takes milliseconds.
+LISTEN_START_WAIT = 1.0
 
 T = TypeVar("T")
 
@@ -215,20 +219,42 @@ class Runtime:
         watchdog: StallWatchdog | None = None
         started = False
         schedules = validate_schedules(parts.schedules())  # a bad entry fails before connecting
+        handed: list[AsyncConnection[Any]] = []  # the pool's probe, kept to LISTEN on
+        notifier: Notifier | None = None
         try:
             # First, so a SIGTERM while the worker is still connecting is a graceful
             # stop (exit 0) rather than the default death by signal.
             if install_signal_handlers:
                 restore_signals = self._install_signal_handlers()
+            pooled: list[bool] = []  # whether LISTEN would go through a pooler
+
+            async def probe(conn: AsyncConnection[Any]) -> bool:
+                """The pool's first connection, a probe: on the server LISTEN uses, it
+                tells whether a pooler is in between, and it becomes the LISTEN
+                connection (one backend start and authentication fewer)."""
+                if config.listen_dsn() != config.dsn():
+                    return False
+                try:
+                    pooled.append(await behind_pooler(conn))
+                except Exception:
+                    return False
+                if pooled[0]:
+                    return False
+                handed.append(conn)
+                return True
+
             self._pool = parts.pool or await open_pool(
                 config,
                 max_size=max(
                     config.database.pool_max_size, config.queue.concurrency + CORE_CONNECTIONS
                 ),
+                probe=probe,
             )
             self.queue = queue = Queue(config, pool=self._pool)
             await self._check_schema(queue)
-            listening = await check_listen_target(config, self._log)
+            listening = await check_listen_target(
+                config, self._log, pooled=pooled[0] if pooled else None
+            )
             # Attached from the first run on, so a breaker a stage creates later
             # already shares the fleet's state.
             await parts.breakers.attach(queue)
@@ -277,6 +303,7 @@ class Runtime:
                 on_breaker_trip=self._breaker_tripped_elsewhere, on_cancel=dispatcher.cancel,
                 on_pause=dispatcher.set_paused, on_connect=maintenance.listen_connected,
                 rng=parts.rng, enabled=listening,
+                first_connection=handed.pop() if handed else None,
             )  # fmt: skip
 
             def leases() -> list[tuple[int, str]]:
@@ -291,17 +318,6 @@ class Runtime:
                     name="worker_core.heartbeat",
                 ),
                 asyncio.create_task(notifier.run(), name="worker_core.listener"),
-                asyncio.create_task(
-                    maintenance.paused_loop(lambda: notifier.connected, dispatcher.set_paused),
-                    name="worker_core.paused",
-                ),
-                asyncio.create_task(maintenance.prune_loop(), name="worker_core.prune"),
-                asyncio.create_task(maintenance.vacuum_loop(), name="worker_core.vacuum"),
-                asyncio.create_task(maintenance.reindex_loop(), name="worker_core.reindex"),
-                asyncio.create_task(maintenance.history_loop(), name="worker_core.history"),
-                asyncio.create_task(maintenance.registry_loop(), name="worker_core.registry"),
-                asyncio.create_task(maintenance.alerts_loop(), name="worker_core.alerts"),
-                *start_schedules(schedules, queue, self._log),
             ]
             if config.queue.stall_warning_seconds is not None:
                 watchdog = StallWatchdog(
@@ -316,9 +332,42 @@ class Runtime:
                     parts.view, host=config.health.http_host, port=config.health.http_port
                 )
                 await server.start()
+            # The start-up reads one after the other on one connection, before the
+            # loops that repeat them start: at the same moment, each would open a
+            # connection of its own (a backend start and an authentication each).
             if await maintenance.rescue():
                 dispatcher.notify()
             await parts.console.start(queue)  # in the workers registry from now on
+            if listening:
+                # LISTEN coming up asks for the paused queues again (what was said
+                # before it was may be lost): read them once after it, not twice.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(LISTEN_START_WAIT):
+                        await notifier.first_attempt.wait()
+            paused_read = await maintenance.read_paused(dispatcher.set_paused)
+            try:
+                bloated = bool(await maintenance.claim_indexes_bloated())
+            except Exception:
+                bloated = True  # the loop looks again at once, and logs what fails
+            background += [
+                asyncio.create_task(
+                    maintenance.paused_loop(
+                        lambda: notifier.connected,
+                        dispatcher.set_paused,
+                        read_first=not paused_read,
+                    ),
+                    name="worker_core.paused",
+                ),
+                asyncio.create_task(maintenance.prune_loop(), name="worker_core.prune"),
+                asyncio.create_task(maintenance.vacuum_loop(), name="worker_core.vacuum"),
+                asyncio.create_task(
+                    maintenance.reindex_loop(look_now=bloated), name="worker_core.reindex"
+                ),
+                asyncio.create_task(maintenance.history_loop(), name="worker_core.history"),
+                asyncio.create_task(maintenance.registry_loop(), name="worker_core.registry"),
+                asyncio.create_task(maintenance.alerts_loop(), name="worker_core.alerts"),
+                *start_schedules(schedules, queue, self._log),
+            ]
             self._log.info(
                 "worker started",
                 concurrency=config.queue.concurrency,
@@ -345,6 +394,11 @@ class Runtime:
                 if server is not None:
                     with contextlib.suppress(Exception):
                         await server.stop()
+                for conn in handed:  # the start failed before LISTEN took it
+                    with contextlib.suppress(Exception):
+                        await conn.close()
+                if notifier is not None:
+                    await notifier.close_unused()
                 await self._finish(started, restore_signals)
 
     async def _finish(self, started: bool, restore_signals: Callable[[], None]) -> None:

@@ -91,6 +91,8 @@ class WorkerRegistry:
         (the row then ages towards "gone", which is the truth seen from outside)."""
         last_prune = time.monotonic()
         while True:
+            if self._registered:  # (at start: the run registered just before)
+                await asyncio.sleep(self.refresh_seconds)
             try:
                 await self.register(queue)
                 if time.monotonic() - last_prune >= _PRUNE_EVERY:
@@ -104,7 +106,8 @@ class WorkerRegistry:
                     error_type=type(exc).__name__,
                     error=redact_text(str(exc))[:300],
                 )
-            await asyncio.sleep(self.refresh_seconds)
+                if not self._registered:
+                    await asyncio.sleep(self.refresh_seconds)
 
     async def leave(self, queue: Queue) -> None:
         """Remove the row (graceful stop); never raises."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -104,6 +105,9 @@ class Lib:
     key = ""
     label = ""
     venv: str | None = None  # None: the benchmark venv; else bench/compare/.venv-<venv>
+    #: Put first on the subprocesses' PYTHONPATH (and run everything in them): another
+    #: checkout's worker_core in the benchmark venv. None: this checkout's, in-process.
+    pythonpath: str | None = None
 
     async def install(self, dsn: str) -> None:
         raise NotImplementedError
@@ -133,7 +137,7 @@ class WorkerCoreLib(Lib):
     """worker_core: BaseWorker with one stage. ``prefetch`` False = the default
     (claim only for free slots), True = ``queue.prefetch = concurrency``."""
 
-    def __init__(self, prefetch: bool, otel_api: bool = False) -> None:
+    def __init__(self, prefetch: bool, otel_api: bool = False, base: bool = False) -> None:
         self.prefetch = prefetch
         #: Tracing installed but off: opentelemetry-api importable, no SDK configured.
         #: Without it, the worker process cannot import opentelemetry at all.
@@ -141,6 +145,11 @@ class WorkerCoreLib(Lib):
         self.key = "worker_core+prefetch" if prefetch else "worker_core"
         if otel_api:
             self.key += "+otel-api"
+        if base:
+            # The worker_core of another checkout (WORKER_CORE_BENCH_BASE), measured in
+            # the same run as this one: a before/after comparison on one machine state.
+            self.key += "@base"
+            self.pythonpath = os.environ.get("WORKER_CORE_BENCH_BASE") or None
         self.label = self.key
 
     def config(self, dsn: str, concurrency: int = 10) -> Any:
@@ -463,6 +472,7 @@ def _all_libs() -> dict[str, Lib]:
         WorkerCoreLib(prefetch=False),
         WorkerCoreLib(prefetch=True),
         WorkerCoreLib(prefetch=False, otel_api=True),
+        WorkerCoreLib(prefetch=False, base=True),
     )
     return {lib.key: lib for lib in libs}
 

@@ -99,7 +99,17 @@ def python_for(lib: Lib) -> str:
     return str(venv_dir(lib.venv) / "bin" / "python") if lib.venv else sys.executable
 
 
-async def _call(python: str, args: list[str], timeout: float = 600.0) -> dict[str, Any]:
+def env_for(lib: Lib) -> dict[str, str] | None:
+    """The environment of ``lib``'s subprocesses (None: this process's)."""
+    if lib.pythonpath is None:
+        return None
+    paths = [lib.pythonpath, *filter(None, [os.environ.get("PYTHONPATH")])]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+
+
+async def _call(
+    python: str, args: list[str], timeout: float = 600.0, env: dict[str, str] | None = None
+) -> dict[str, Any]:
     proc = await asyncio.create_subprocess_exec(
         python,
         str(WORKER),
@@ -107,6 +117,7 @@ async def _call(python: str, args: list[str], timeout: float = 600.0) -> dict[st
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         cwd=str(HERE),
+        env=env,
     )
     out, err = await asyncio.wait_for(proc.communicate(), timeout)
     if proc.returncode != 0:
@@ -124,18 +135,23 @@ class RemoteLib(Lib):
         self.key = lib.key
         self.label = lib.label
         self.venv = lib.venv
+        self.pythonpath = lib.pythonpath
         self.python = python_for(lib)
+        self.env = env_for(lib)
 
     def settings(self, concurrency: int, processes: int) -> str:
         return self.inner.settings(concurrency, processes)
 
     async def install(self, dsn: str) -> None:
-        await _call(self.python, ["--lib", self.key, "--dsn", dsn, "--mode", "install"])
+        await _call(
+            self.python, ["--lib", self.key, "--dsn", dsn, "--mode", "install"], env=self.env
+        )
 
     async def verify(self, dsn: str, expected: int) -> None:
         await _call(
             self.python,
             ["--lib", self.key, "--dsn", dsn, "--expect", str(expected), "--mode", "verify"],
+            env=self.env,
         )
 
     @contextlib.asynccontextmanager
@@ -152,6 +168,7 @@ class RemoteLib(Lib):
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             cwd=str(HERE),
+            env=self.env,
         )
         assert proc.stdin is not None
         assert proc.stdout is not None

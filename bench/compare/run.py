@@ -117,7 +117,7 @@ import _servers  # noqa: E402
 import orjson  # noqa: E402
 import psycopg  # noqa: E402
 from _libs import LIBS, Lib, with_dbname  # noqa: E402
-from _remote import RemoteLib, ensure_extra_venv, python_for  # noqa: E402
+from _remote import RemoteLib, ensure_extra_venv, env_for, python_for  # noqa: E402
 from _report import (  # noqa: E402
     BOUND,
     FLOOR,
@@ -151,7 +151,9 @@ DRAIN_LIBS = [
 ]
 # Run only when named with --libs: tracing installed (opentelemetry-api importable) but
 # no SDK configured, to compare with plain worker_core in the same run (issue 14).
-EXTRA_LIBS = ["worker_core+otel-api"]
+# worker_core@base: the worker_core of the checkout WORKER_CORE_BENCH_BASE names (a
+# before/after comparison in one run, every process of it started the same way).
+EXTRA_LIBS = ["worker_core+otel-api", "worker_core@base"]
 SLOW_LIBS = {"procrastinate"}
 # chancy and oban drain at one to two thousand jobs/s: a backlog of at most
 # mid_drain_jobs (20,000 in a full run) keeps a sample under half a minute.
@@ -345,7 +347,9 @@ class WorkerProc:
         self.log = log
 
     @classmethod
-    async def start(cls, args: list[str], python: str = sys.executable) -> WorkerProc:
+    async def start(
+        cls, args: list[str], python: str = sys.executable, env: dict[str, str] | None = None
+    ) -> WorkerProc:
         log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (closed by kill())
         proc = await asyncio.create_subprocess_exec(
             python,
@@ -355,6 +359,7 @@ class WorkerProc:
             stdout=asyncio.subprocess.PIPE,
             stderr=log,
             cwd=str(HERE),
+            env=env,
         )
         return cls(proc, log)
 
@@ -444,7 +449,9 @@ async def measure_drain(
         args = worker_args(
             plan, lib, dsn, concurrency, processes, "--mode", "drain", "--sleep-ms", str(sleep_ms)
         )
-        procs = [await WorkerProc.start(args, python_for(lib)) for _ in range(processes)]
+        procs = [
+            await WorkerProc.start(args, python_for(lib), env_for(lib)) for _ in range(processes)
+        ]
         try:
             async with lib.producer(dsn) as producer:  # fills while the workers start
                 added = await producer.enqueue_many(payloads(n))
@@ -508,7 +515,7 @@ async def measure_latency(
             "--timeout",
             str(total / plan.latency_rate + 120),
         )
-        proc = await WorkerProc.start(args, python_for(lib))
+        proc = await WorkerProc.start(args, python_for(lib), env_for(lib))
         try:
             async with lib.producer(dsn) as producer:
                 await proc.ready()
@@ -623,7 +630,7 @@ UNAVAILABLE: dict[str, str] = {}  # library -> why it is not measured in this ru
 def lib_for(key: str) -> Lib:
     """The adapter, or its stand-in when the library runs in a venv of its own."""
     lib = LIBS[key]
-    if lib.venv is None:
+    if lib.venv is None and lib.pythonpath is None:
         return lib
     if key not in _REMOTE:
         _REMOTE[key] = RemoteLib(lib)
@@ -841,6 +848,19 @@ def prepare_venvs(plan: Plan) -> dict[str, str]:
     versions: dict[str, str] = {}
     for key in plan.libs:
         lib = LIBS[key]
+        if key.endswith("@base"):
+            if lib.pythonpath is None or not (Path(lib.pythonpath) / "worker_core").is_dir():
+                UNAVAILABLE[key] = "skipped: WORKER_CORE_BENCH_BASE names no checkout"
+                continue
+            versions[key] = (
+                subprocess.run(
+                    ["git", "-C", lib.pythonpath, "log", "-1", "--format=%h %cs"],
+                    capture_output=True,
+                    text=True,
+                    check=False,
+                ).stdout.strip()
+                or "?"
+            )
         if lib.venv is None:
             continue
         try:
