@@ -33,7 +33,7 @@ from .redact import mask_dsn, redact_text
 if TYPE_CHECKING:
     from psycopg import AsyncConnection
 
-__all__ = ["Notifier", "check_listen_target"]
+__all__ = ["Notifier", "check_listen_target", "listen_application_name"]
 
 _POOLED_LISTEN_DSN = (
     "database.listen_dsn reaches PostgreSQL through a connection pooler (PgBouncer?), "
@@ -75,6 +75,11 @@ async def check_listen_target(
         poll_interval=config.queue.poll_interval,
     )
     return False
+
+
+def listen_application_name(config: WorkerConfig) -> str:
+    """The ``application_name`` of a worker's LISTEN connection."""
+    return f"{config.database.application_name}.listen"[:63]
 
 
 class Notifier:
@@ -127,13 +132,11 @@ class Notifier:
         names = frozenset(self._config.queue.names)
         database = self._config.database
         dsn = self._config.listen_dsn()
-        name = f"{database.application_name}.listen"[:63]
+        name = listen_application_name(config=self._config)
         while self.enabled:
             conn, first, self._first = self._first, self._first is not None, None
             try:
-                if conn is not None:
-                    await conn.execute("SELECT set_config('application_name', %s, false)", (name,))
-                else:
+                if conn is None:
                     conn = await AsyncConnection.connect(
                         dsn,
                         autocommit=True,

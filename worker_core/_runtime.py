@@ -34,7 +34,7 @@ from ._completer import Completer
 from ._dispatch import Dispatcher
 from ._executor import Executor, Hooks
 from ._maintenance import Maintenance
-from ._notifier import Notifier, check_listen_target
+from ._notifier import Notifier, check_listen_target, listen_application_name
 from ._watchdog import StallWatchdog
 from .config import WorkerConfig
 from .logs import StructuredLogger
@@ -235,13 +235,18 @@ class Runtime:
                 if config.listen_dsn() != config.dsn():
                     return False
                 try:
-                    pooled.append(await behind_pooler(conn))
+                    if not await behind_pooler(conn):  # direct: session state stays
+                        name = listen_application_name(config)
+                        await conn.execute(
+                            "SELECT set_config('application_name', %s, false)", (name,)
+                        )
+                        handed.append(conn)
+                        pooled.append(False)
+                        return True
                 except Exception:
                     return False
-                if pooled[0]:
-                    return False
-                handed.append(conn)
-                return True
+                pooled.append(True)
+                return False
 
             self._pool = parts.pool or await open_pool(
                 config,

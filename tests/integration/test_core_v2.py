@@ -429,6 +429,32 @@ async def test_listen_dsn_carries_the_listen_connection(
         await asyncio.wait_for(done.wait(), 5)  # far sooner than the 60 s poll
 
 
+async def test_the_start_up_probe_becomes_the_listen_connection(
+    queue: Queue, make_config: Callable[..., WorkerConfig]
+) -> None:
+    # Each connection costs the server a backend start (and over TCP an
+    # authentication): an idle worker holds its pool's first connection and LISTEN,
+    # which is the connection that checked the server at start, renamed.
+    app = f"wc-probe-{os.getpid()}"
+    config = make_config(database={"application_name": app})
+    worker = Worker(config, [Step("work", _nothing)])
+    async with running(worker):
+        await wait_for(lambda: _true(worker.snapshot().listener_connected), what="LISTEN")
+        await wait_for(lambda: _true(worker.snapshot().last_claim_at is not None), what="claim")
+        async with queue.connection() as conn:
+            cur = await conn.execute(
+                "SELECT application_name, backend_start FROM pg_stat_activity "
+                "WHERE application_name LIKE %s ORDER BY backend_start",
+                (app + "%",),
+            )
+            rows = await cur.fetchall()
+    names = [name for name, _ in rows]
+    assert sorted(names) == sorted([app, f"{app}.listen"]), names
+    # The LISTEN connection is the oldest: it was made before the pool's first one.
+    assert names[0] == f"{app}.listen", rows
+    assert worker.snapshot().listener_connects == 1
+
+
 async def test_a_listen_dsn_that_fails_leaves_the_worker_polling(
     queue: Queue, make_config: Callable[..., WorkerConfig], caplog: pytest.LogCaptureFixture
 ) -> None:

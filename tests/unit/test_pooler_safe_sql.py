@@ -47,7 +47,7 @@ def _chunks(path: Path) -> list[str]:
 
 
 #: Session state set only after ``behind_pooler(conn)`` said the connection is direct.
-GUARDED = {"dashboard/_guard.py": "behind_pooler(conn)"}
+GUARDED = {"dashboard/_guard.py": "behind_pooler(conn)", "_runtime.py": "behind_pooler(conn)"}
 
 
 @pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(PACKAGE)))
