@@ -59,6 +59,8 @@ __all__ = ["CORE_CONNECTIONS", "RunParts", "Runtime"]
 #: How long a starting worker waits for its first LISTEN attempt before its first
 #: reads (seconds): a bound only, the attempt takes milliseconds.
 LISTEN_START_WAIT = 1.0
+#: How long a stopping worker waits for its own tasks to end once cancelled (seconds).
+CANCEL_WAIT = 10.0
 
 T = TypeVar("T")
 
@@ -389,11 +391,7 @@ class Runtime:
                 if self._dispatcher is not None:
                     await self._dispatcher.drain()
             finally:
-                for task in background:
-                    task.cancel()
-                for task in background:
-                    with contextlib.suppress(BaseException):
-                        await task
+                await self._cancel_all(background)
                 if watchdog is not None:
                     watchdog.stop()
                 if server is not None:
@@ -405,6 +403,26 @@ class Runtime:
                 if notifier is not None:
                     await notifier.close_unused()
                 await self._finish(started, restore_signals)
+
+    async def _cancel_all(self, tasks: list[asyncio.Task[Any]]) -> None:
+        """Cancel the run's own tasks and wait for them, within a bound: a task that
+        does not end (it swallowed its cancellation) is logged with where it is, and
+        the worker stops anyway instead of hanging in its shutdown."""
+        for task in tasks:
+            task.cancel()
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks, timeout=CANCEL_WAIT)
+        for task in pending:
+            frames = task.get_stack(limit=3)
+            self._log.error(
+                "a worker task did not end when cancelled; stopping without it",
+                task=task.get_name(),
+                at=[f"{f.f_code.co_name}:{f.f_lineno}" for f in frames],
+            )
+        for task in tasks:
+            if task.done() and not task.cancelled():
+                task.exception()  # retrieved: a failure was logged where it happened
 
     async def _finish(self, started: bool, restore_signals: Callable[[], None]) -> None:
         parts = self._parts

@@ -478,3 +478,38 @@ async def _nothing(ctx: StageContext, n: int) -> None:
 
 async def _true(value: bool) -> bool:
     return value
+
+
+# -- shutdown ---------------------------------------------------------------------------------
+async def test_a_task_that_swallows_its_cancellation_does_not_hang_the_stop(
+    queue: Queue,
+    make_config: Callable[..., WorkerConfig],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import worker_core._runtime as runtime
+    from worker_core._maintenance import Maintenance
+
+    swallowed = asyncio.Event()
+
+    async def deaf_loop(self: Maintenance) -> None:
+        # What a bug in a loop does: it catches the cancellation and goes on (here,
+        # until it is cancelled a second time, so the test can end it).
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            swallowed.set()
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(Maintenance, "vacuum_loop", deaf_loop)
+    monkeypatch.setattr(runtime, "CANCEL_WAIT", 0.3)
+    worker = Worker(make_config(), [Step("work", _nothing)])
+    with caplog.at_level(logging.ERROR, logger="worker_core.worker"):
+        await asyncio.wait_for(worker.run(until_empty=True), 10)
+    assert swallowed.is_set()
+    assert len(messages(caplog, "did not end when cancelled")) == 1
+    assert "worker_core.vacuum" in caplog.text
+    [left] = [t for t in asyncio.all_tasks() if t.get_name() == "worker_core.vacuum"]
+    left.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await left
