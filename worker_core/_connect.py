@@ -15,6 +15,7 @@ connection (the worker's LISTEN connection).
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -40,7 +41,9 @@ _DSN_SETTING = "database.dsn (WORKER_CORE_DATABASE__DSN)"
 # the next request for a connection starts a new series). psycopg_pool waits 1 s,
 # then doubles the wait at every failure up to this bound: with its own default of
 # minutes, a server back after a 30 s outage was only tried again some 30 s later.
-# Short series keep the wait between two attempts at 2 s whatever the outage.
+# Short series keep the wait between two attempts at 2 s whatever the outage; when
+# one gives up, the next starts at once (reconnect_failed). A pool being opened
+# runs one long series instead: the server may still be starting.
 RECONNECT_SERIES_SECONDS = 4.0
 #: Failures no retry can fix, by libpq's or the server's (English) message, each with
 #: what to do. A server whose lc_messages is another language falls back to retrying.
@@ -205,11 +208,14 @@ async def open_pool(
         name=f"worker_core.{db.schema}",
         configure=configure,
         timeout=db.connect_timeout,
-        reconnect_timeout=RECONNECT_SERIES_SECONDS,
+        # Opening: one series as long as the wait (a server still starting up).
+        reconnect_timeout=max(60.0, db.connect_timeout),
+        reconnect_failed=_new_series,
     )
     remaining = max(0.1, db.connect_timeout - (time.monotonic() - started))
     try:
         await pool.open(wait=True, timeout=remaining if last_error else db.connect_timeout)
+        pool.reconnect_timeout = RECONNECT_SERIES_SECONDS  # from now on: short series
     except PoolTimeout:
         await pool.close()
         if last_error is None or not last_error.strip():
@@ -219,6 +225,14 @@ async def open_pool(
             f"within {db.connect_timeout:g}s: {last_error}"
         ) from None
     return pool
+
+
+async def _new_series(pool: AsyncConnectionPool) -> None:
+    """A series of reconnect attempts gave up: start the next one now, instead of
+    at the next request for a connection (one may be waiting already)."""
+    if not pool.closed:
+        with contextlib.suppress(Exception):
+            await pool.check()  # grows an empty pool by one: a new series
 
 
 async def behind_pooler(conn: AsyncConnection[Any]) -> bool:

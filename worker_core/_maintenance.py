@@ -172,10 +172,10 @@ class Maintenance:
         """Tell ``apply`` which of the worker's queues are paused and which are not:
         at start (unless ``read_first`` is False: the caller has just read them), after
         ``listen_connected()``, and every poll interval while not ``listening()``."""
-        skip = not read_first
+        skip, read = not read_first, True
         while True:
             if not skip:
-                await self.read_paused(apply)
+                read = await self.read_paused(apply)
             skip = False
             while True:
                 try:
@@ -183,7 +183,7 @@ class Maintenance:
                         await self._reread_paused.wait()
                     break
                 except TimeoutError:
-                    if not listening():
+                    if not listening() or not read:  # a failed read is tried again
                         break
 
     async def rescue(self) -> int:

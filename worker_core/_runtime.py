@@ -391,18 +391,22 @@ class Runtime:
                 if self._dispatcher is not None:
                     await self._dispatcher.drain()
             finally:
-                await self._cancel_all(background)
-                if watchdog is not None:
-                    watchdog.stop()
-                if server is not None:
-                    with contextlib.suppress(Exception):
-                        await server.stop()
-                for conn in handed:  # the start failed before LISTEN took it
-                    with contextlib.suppress(Exception):
-                        await conn.close()
-                if notifier is not None:
-                    await notifier.close_unused()
-                await self._finish(started, restore_signals)
+                try:
+                    # A second cancellation of the run (its caller's timeout while it
+                    # stops) may cut this wait short, never what follows.
+                    await self._cancel_all(background)
+                finally:
+                    if watchdog is not None:
+                        watchdog.stop()
+                    if server is not None:
+                        with contextlib.suppress(Exception):
+                            await server.stop()
+                    for conn in handed:  # the start failed before LISTEN took it
+                        with contextlib.suppress(Exception):
+                            await conn.close()
+                    if notifier is not None:
+                        await notifier.close_unused()
+                    await self._finish(started, restore_signals)
 
     async def _cancel_all(self, tasks: list[asyncio.Task[Any]]) -> None:
         """Cancel the run's own tasks and wait for them, within a bound: a task that

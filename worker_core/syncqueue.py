@@ -9,6 +9,7 @@ joins the caller's transaction.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta
@@ -253,10 +254,13 @@ def _open_pool(config: WorkerConfig) -> ConnectionPool:
         name=f"worker_core.sync.{db.schema}",
         configure=_configure_connection,
         timeout=db.connect_timeout,
-        reconnect_timeout=RECONNECT_SERIES_SECONDS,
+        # As the async pool: one long series while opening, short ones afterwards.
+        reconnect_timeout=max(60.0, db.connect_timeout),
+        reconnect_failed=_new_series,
     )
     try:
         pool.open(wait=True, timeout=db.connect_timeout)
+        pool.reconnect_timeout = RECONNECT_SERIES_SECONDS
     except PoolTimeout:
         pool.close()
         raise ConnectionError(
@@ -264,6 +268,13 @@ def _open_pool(config: WorkerConfig) -> ConnectionPool:
             f"{last_error or 'no connection was made'}"
         ) from None
     return pool
+
+
+def _new_series(pool: ConnectionPool) -> None:
+    """A series of reconnect attempts gave up: start the next one now."""
+    if not pool.closed:
+        with contextlib.suppress(Exception):
+            pool.check()
 
 
 def _configure_connection(conn: Connection[Any]) -> None:

@@ -210,3 +210,30 @@ async def test_a_long_outage_is_left_within_seconds_of_the_server_coming_back(
         await asyncio.to_thread(pg_server.start_again)
         await worker.stop()
         await asyncio.gather(task, return_exceptions=True)
+
+
+@pytest.mark.timeout(120)
+async def test_a_pool_opened_while_the_server_is_still_down_waits_for_it(
+    make_config: Callable[..., WorkerConfig], pg_server: Any
+) -> None:
+    """Opening waits up to ``connect_timeout`` for a server still starting (a
+    container started beside it): the first series of reconnect attempts must
+    last that long, not the few seconds of the series once the pool is open."""
+    if pg_server is None:
+        pytest.skip("needs the embedded server (WORKER_CORE_TEST_DSN is set)")
+    config = make_config(database={"connect_timeout": 20})
+    await asyncio.to_thread(pg_server.stop, "fast")
+    try:
+        opening = asyncio.create_task(Queue(config).__aenter__())
+        await asyncio.sleep(7.0)  # longer than one short series (4 s)
+        assert not opening.done()
+        await asyncio.to_thread(pg_server.start_again)
+        queue = await asyncio.wait_for(opening, 20)
+        try:
+            async with queue.connection() as conn:
+                cur = await conn.execute("SELECT 1")
+                assert await cur.fetchone() == (1,)
+        finally:
+            await queue.close()
+    finally:
+        await asyncio.to_thread(pg_server.start_again)
