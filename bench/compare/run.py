@@ -645,8 +645,12 @@ def unavailable(cell: Cell) -> bool:
 
 
 async def run_plan(plan: Plan, admin: str, results: Results) -> None:
-    libs = [k for k in [*DRAIN_LIBS, *EXTRA_LIBS] if k in plan.libs]
+    declared = [k for k in [*DRAIN_LIBS, *EXTRA_LIBS] if k in plan.libs]
     for rep in range(1, plan.repeat + 1):
+        # Each repeat starts one library later: no library always runs first (after
+        # the previous repeat's last cell) or right after the same neighbour.
+        turn = (rep - 1) % len(declared) if declared else 0
+        libs = declared[turn:] + declared[:turn]
         print(
             f"\n== repeat {rep}/{plan.repeat} (load average {os.getloadavg()[0]:.2f}) ==",
             flush=True,
