@@ -20,6 +20,7 @@ from worker_core import JobStatus, Queue, TransientError, WorkerConfig
 from worker_core.ingest.chunker import Chunker
 from worker_core.ingest.document_worker import DocumentWorker
 from worker_core.ingest.storage import LocalStorage, ObjectInfo, S3Storage
+from worker_core.testing import wait_for
 
 PARAGRAPH = (
     "Ingestion workers claim jobs from PostgreSQL, stream documents from storage and "
@@ -225,7 +226,8 @@ async def test_changed_document_switches_atomically_for_readers(
                 seen.append(found[0])
 
     task = asyncio.create_task(reader())
-    await asyncio.sleep(0)
+    # The reader has seen version 1 before version 2 is ingested.
+    await wait_for(lambda: _true(bool(seen) or task.done()), what="the reader's first read")
     await storage.put("doc.txt", new.encode())
     v2 = (await storage.stat("doc.txt")).version
     second = await ingest(queue, worker, {"document_id": "doc", "key": "doc.txt"})
@@ -436,3 +438,7 @@ async def test_storage_without_versions_is_pinned_by_content_hash(
     assert await rows(queue, "doc") == expected
     again = await ingest(queue, worker, {"document_id": "doc", "key": "doc.txt"})
     assert again.state["outcome"] == "unchanged"
+
+
+async def _true(value: bool) -> bool:
+    return value

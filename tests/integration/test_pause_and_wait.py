@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from psycopg import sql
 
 from worker_core import BaseWorker, JobStatus, PermanentError, Queue, StageContext, WorkerConfig
 from worker_core.outcomes import succeed
@@ -124,11 +126,13 @@ async def test_pause_resume_of_another_queue_leaves_this_one_alone(
 # -- Queue.wait ------------------------------------------------------------------------
 async def test_wait_returns_within_50_ms_of_completion(queue: Queue) -> None:
     lags = []
-    for i in range(10):
+    for i in range(11):
         job_id = await queue.enqueue({"n": i})
         (job,) = await queue.claim("w", 1, lease_seconds=30)
         waiter = asyncio.create_task(queue.wait(job_id, timeout=10))
-        await asyncio.sleep(0.05)  # the waiter is listening, with nothing to read
+        # The waiter marks the job once it listens (or, LISTEN slower than the poll
+        # interval, once it polls): the outcome's commit is announced from then on.
+        await wait_for(functools.partial(_waited, queue, job_id), what="the wait is registered")
         assert not waiter.done()
         # Completion is the commit of the job's outcome: finish() returns after it.
         assert await queue.finish([succeed(job, stage=None, state="{}")])
@@ -137,7 +141,21 @@ async def test_wait_returns_within_50_ms_of_completion(queue: Queue) -> None:
         lags.append(time.monotonic() - committed)
         assert done.status is JobStatus.SUCCEEDED
     print("wait lags (ms):", sorted(round(x * 1000, 2) for x in lags))
-    assert max(lags) < 0.05, lags
+    # The first wait opened the LISTEN connection: a slow connect (a loaded machine)
+    # may leave it polling that once; from the second on, LISTEN is up.
+    assert max(lags[1:]) < 0.05, lags
+
+
+async def _waited(queue: Queue, job_id: int) -> bool:
+    async with queue.connection() as conn:
+        cur = await conn.execute(
+            sql.SQL("SELECT waited FROM {}.jobs WHERE id = %s").format(
+                sql.Identifier(queue.config.database.schema)
+            ),
+            (job_id,),
+        )
+        row = await cur.fetchone()
+    return bool(row and row[0])
 
 
 async def test_wait_sees_a_workers_outcome(queue: Queue, config: WorkerConfig) -> None:
@@ -185,8 +203,16 @@ async def test_wait_for_finished_dead_cancelled_unknown_and_timeout(
 
 
 async def test_many_waits_share_one_listen_connection_and_do_not_poll(
-    queue: Queue, config: WorkerConfig
+    make_config: Callable[..., WorkerConfig], config: WorkerConfig
 ) -> None:
+    # A poll interval far beyond the test: a LISTEN slow to connect (a loaded
+    # machine) is waited for, rather than polled around, so every read is counted.
+    async with Queue(make_config(queue={"poll_interval": 30})) as queue:
+        await _many_waits(queue, config)
+
+
+async def _many_waits(queue: Queue, config: WorkerConfig) -> None:
+    await queue.migrate()
     ids = await queue.enqueue_many([{"n": i} for i in range(20)])
     reads = 0
     get = queue.get
@@ -198,6 +224,7 @@ async def test_many_waits_share_one_listen_connection_and_do_not_poll(
 
     queue.get = counting_get  # type: ignore[method-assign]
     waiters = [asyncio.create_task(queue.wait(i, timeout=10)) for i in ids]
+    await wait_for(lambda: _true(reads == len(ids)), what="each wait read its job once")
     await asyncio.sleep(1.5)  # nothing finishes meanwhile: nothing is read again
     assert reads == len(ids)
     async with queue.connection() as conn:
@@ -234,3 +261,7 @@ def _async(predicate: Callable[[], bool]) -> Callable[[], Any]:
         return predicate()
 
     return check
+
+
+async def _true(value: bool) -> bool:
+    return value

@@ -4,6 +4,7 @@ fencing, crash rescue, graceful stop, timeouts and bad stage lists."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import signal
 import subprocess
@@ -118,10 +119,15 @@ async def test_three_workers_process_each_job_exactly_once(
         await asyncio.sleep(0.002)  # stands for real work, so the workers interleave
         seen.append((ctx.job.id, ctx.worker.worker_id))
 
-    ids = await queue.enqueue_many([{"i": i} for i in range(300)])
     config = make_config(queue={"concurrency": 5})
     workers = [Worker(config, [Step("work", record)]) for _ in range(3)]
-    await asyncio.gather(*(w.run(until_empty=True, install_signal_handlers=False) for w in workers))
+    async with running(workers[0]), running(workers[1]), running(workers[2]):
+        # All three up and idle (each start-up waits for its own LISTEN) before the
+        # backlog arrives: one that came up late might find nothing left to do.
+        for w in workers:
+            await wait_for(functools.partial(_claimed_once, w), what="a first claim")
+        ids = await queue.enqueue_many([{"i": i} for i in range(300)])
+        await wait_for(lambda: _value(len(seen) >= 300), timeout=30, what="300 jobs run")
     per_job = Counter(job_id for job_id, _ in seen)
     assert set(per_job) == set(ids)
     assert set(per_job.values()) == {1}
@@ -309,8 +315,13 @@ async def test_stale_worker_completion_is_rejected_by_the_fence(
         ctx.state["by"] = "stale"
 
     # Heartbeats far apart: the stale worker only learns at completion time.
-    # One slot, so the stale worker cannot claim the rescued job back itself.
-    config = make_config(queue={"lease_seconds": 60, "heartbeat_seconds": 50, "concurrency": 1})
+    # One slot, so the stale worker cannot claim the rescued job back itself. No
+    # LISTEN (nothing listens on port 9): LISTEN coming up renews the leases held,
+    # which, landing after the rescue, would tell the stale run before it completes.
+    config = make_config(
+        database={"listen_dsn": "postgresql://127.0.0.1:9/none"},
+        queue={"lease_seconds": 60, "heartbeat_seconds": 50, "concurrency": 1},
+    )
     job_id = await queue.enqueue({})
     stale = Worker(config, [Step("work", blocked)])
     async with running(stale):
@@ -603,6 +614,10 @@ def _reap(proc: subprocess.Popen[str]) -> None:
 
 async def _value(value: bool) -> bool:
     return value
+
+
+async def _claimed_once(worker: BaseWorker) -> bool:
+    return worker.snapshot().last_claim_at is not None
 
 
 async def _stage_is(queue: Queue, job_id: int, stage: str) -> bool:
