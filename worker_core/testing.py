@@ -11,6 +11,7 @@ short interval with a hard deadline.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -25,16 +26,18 @@ __all__ = ["arun_stages", "run_stages", "running", "wait_for", "wait_for_status"
 
 
 async def wait_for(
-    predicate: Callable[[], Awaitable[bool]],
+    predicate: Callable[[], bool | Awaitable[bool]],
     *,
     timeout: float = 10.0,
     interval: float = 0.02,
     what: str = "condition",
 ) -> None:
-    """Wait until ``await predicate()`` is true; ``TimeoutError`` naming ``what`` if not."""
+    """Wait until ``predicate()`` (a plain or an async function) is true;
+    ``TimeoutError`` naming ``what`` if not."""
     deadline = time.monotonic() + timeout
     while True:
-        if await predicate():
+        result = predicate()
+        if await result if inspect.isawaitable(result) else result:
             return
         if time.monotonic() >= deadline:
             raise TimeoutError(f"{what} not reached within {timeout}s")

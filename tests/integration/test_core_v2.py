@@ -423,8 +423,8 @@ async def test_listen_dsn_carries_the_listen_connection(
     config = make_config(database={"listen_dsn": direct}, queue={"poll_interval": 60})
     worker = Worker(config, [Step("work", work)])
     async with running(worker):
-        await wait_for(lambda: _true(worker.snapshot().listener_connected), what="LISTEN")
-        await wait_for(lambda: _true(worker.snapshot().last_claim_at is not None), what="claim")
+        await wait_for(lambda: worker.snapshot().listener_connected, what="LISTEN")
+        await wait_for(lambda: worker.snapshot().last_claim_at is not None, what="claim")
         await queue.enqueue({})
         await asyncio.wait_for(done.wait(), 5)  # far sooner than the 60 s poll
 
@@ -439,8 +439,8 @@ async def test_the_start_up_probe_becomes_the_listen_connection(
     config = make_config(database={"application_name": app})
     worker = Worker(config, [Step("work", _nothing)])
     async with running(worker):
-        await wait_for(lambda: _true(worker.snapshot().listener_connected), what="LISTEN")
-        await wait_for(lambda: _true(worker.snapshot().last_claim_at is not None), what="claim")
+        await wait_for(lambda: worker.snapshot().listener_connected, what="LISTEN")
+        await wait_for(lambda: worker.snapshot().last_claim_at is not None, what="claim")
         async with queue.connection() as conn:
             cur = await conn.execute(
                 "SELECT application_name, backend_start FROM pg_stat_activity "
@@ -474,10 +474,6 @@ async def test_a_listen_dsn_that_fails_leaves_the_worker_polling(
 
 async def _nothing(ctx: StageContext, n: int) -> None:
     return None
-
-
-async def _true(value: bool) -> bool:
-    return value
 
 
 # -- shutdown ---------------------------------------------------------------------------------

@@ -227,7 +227,7 @@ async def test_changed_document_switches_atomically_for_readers(
 
     task = asyncio.create_task(reader())
     # The reader has seen version 1 before version 2 is ingested.
-    await wait_for(lambda: _true(bool(seen) or task.done()), what="the reader's first read")
+    await wait_for(lambda: bool(seen) or task.done(), what="the reader's first read")
     await storage.put("doc.txt", new.encode())
     v2 = (await storage.stat("doc.txt")).version
     second = await ingest(queue, worker, {"document_id": "doc", "key": "doc.txt"})
@@ -438,7 +438,3 @@ async def test_storage_without_versions_is_pinned_by_content_hash(
     assert await rows(queue, "doc") == expected
     again = await ingest(queue, worker, {"document_id": "doc", "key": "doc.txt"})
     assert again.state["outcome"] == "unchanged"
-
-
-async def _true(value: bool) -> bool:
-    return value

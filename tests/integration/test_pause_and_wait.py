@@ -224,7 +224,7 @@ async def _many_waits(queue: Queue, config: WorkerConfig) -> None:
 
     queue.get = counting_get  # type: ignore[method-assign]
     waiters = [asyncio.create_task(queue.wait(i, timeout=10)) for i in ids]
-    await wait_for(lambda: _true(reads == len(ids)), what="each wait read its job once")
+    await wait_for(lambda: reads == len(ids), what="each wait read its job once")
     await asyncio.sleep(1.5)  # nothing finishes meanwhile: nothing is read again
     assert reads == len(ids)
     async with queue.connection() as conn:
@@ -261,7 +261,3 @@ def _async(predicate: Callable[[], bool]) -> Callable[[], Any]:
         return predicate()
 
     return check
-
-
-async def _true(value: bool) -> bool:
-    return value

@@ -127,7 +127,7 @@ async def test_three_workers_process_each_job_exactly_once(
         for w in workers:
             await wait_for(functools.partial(_claimed_once, w), what="a first claim")
         ids = await queue.enqueue_many([{"i": i} for i in range(300)])
-        await wait_for(lambda: _value(len(seen) >= 300), timeout=30, what="300 jobs run")
+        await wait_for(lambda: len(seen) >= 300, timeout=30, what="300 jobs run")
     per_job = Counter(job_id for job_id, _ in seen)
     assert set(per_job) == set(ids)
     assert set(per_job.values()) == {1}
@@ -332,7 +332,7 @@ async def test_stale_worker_completion_is_rejected_by_the_fence(
         [rescued] = await queue.claim("new-owner", 1, lease_seconds=60)
         assert rescued.attempt == 2
         release.set()
-        await wait_for(lambda: _value(stale.metrics.leases_lost >= 1), what="fenced write")
+        await wait_for(lambda: stale.metrics.leases_lost >= 1, what="fenced write")
     job = await queue.get(job_id)
     assert job is not None
     assert (job.status, job.lease_owner, job.attempt) == (JobStatus.RUNNING, "new-owner", 2)
@@ -441,10 +441,8 @@ async def test_notify_wakes_an_idle_worker_without_polling(
     config = make_config(queue={"poll_interval": 60})
     worker = Worker(config, [Step("work", work)])
     async with running(worker):
-        await wait_for(lambda: _value(worker.snapshot().listener_connected), what="LISTEN")
-        await wait_for(
-            lambda: _value(worker.snapshot().last_claim_at is not None), what="first claim"
-        )
+        await wait_for(lambda: worker.snapshot().listener_connected, what="LISTEN")
+        await wait_for(lambda: worker.snapshot().last_claim_at is not None, what="first claim")
         await queue.enqueue({})
         await asyncio.wait_for(done.wait(), 5)  # far sooner than the 60 s poll
 
@@ -612,11 +610,7 @@ def _reap(proc: subprocess.Popen[str]) -> None:
         proc.stdout.close()
 
 
-async def _value(value: bool) -> bool:
-    return value
-
-
-async def _claimed_once(worker: BaseWorker) -> bool:
+def _claimed_once(worker: BaseWorker) -> bool:
     return worker.snapshot().last_claim_at is not None
 
 
