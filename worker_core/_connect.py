@@ -45,6 +45,14 @@ _DSN_SETTING = "database.dsn (WORKER_CORE_DATABASE__DSN)"
 # one gives up, the next starts at once (reconnect_failed). A pool being opened
 # runs one long series instead: the server may still be starting.
 RECONNECT_SERIES_SECONDS = 4.0
+
+
+def opening_series_seconds(connect_timeout: float) -> float:
+    """The reconnect series of a pool being opened: as long as the wait for it (a
+    server still starting up), switched to ``RECONNECT_SERIES_SECONDS`` once open."""
+    return max(60.0, connect_timeout)
+
+
 #: Failures no retry can fix, by libpq's or the server's (English) message, each with
 #: what to do. A server whose lc_messages is another language falls back to retrying.
 _PERMANENT: tuple[tuple[re.Pattern[str], str], ...] = tuple(
@@ -208,8 +216,7 @@ async def open_pool(
         name=f"worker_core.{db.schema}",
         configure=configure,
         timeout=db.connect_timeout,
-        # Opening: one series as long as the wait (a server still starting up).
-        reconnect_timeout=max(60.0, db.connect_timeout),
+        reconnect_timeout=opening_series_seconds(db.connect_timeout),
         reconnect_failed=_new_series,
     )
     remaining = max(0.1, db.connect_timeout - (time.monotonic() - started))

@@ -222,7 +222,12 @@ def _open_pool(config: WorkerConfig) -> ConnectionPool:
     rules as the async pool: a failure no retry can fix is raised at once)."""
     from psycopg_pool import ConnectionPool, PoolTimeout
 
-    from ._connect import RECONNECT_SERIES_SECONDS, connect_failure_hint, server_message
+    from ._connect import (
+        RECONNECT_SERIES_SECONDS,
+        connect_failure_hint,
+        opening_series_seconds,
+        server_message,
+    )
 
     db = config.database
     dsn = config.dsn()
@@ -254,8 +259,7 @@ def _open_pool(config: WorkerConfig) -> ConnectionPool:
         name=f"worker_core.sync.{db.schema}",
         configure=_configure_connection,
         timeout=db.connect_timeout,
-        # As the async pool: one long series while opening, short ones afterwards.
-        reconnect_timeout=max(60.0, db.connect_timeout),
+        reconnect_timeout=opening_series_seconds(db.connect_timeout),
         reconnect_failed=_new_series,
     )
     try:
