@@ -15,26 +15,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
 import time
-from pathlib import Path
 
 from _common import database, drop_schema, new_schema
+from _servers import process_cpu
 from psycopg import sql
 
 from worker_core import Queue, WorkerConfig
 
 _PICK = b"WHERE q.queue = %(queue)s AND q.status = 'queued' AND q.run_at <= now()"
-
-
-def backend_cpu(pid: int) -> float | None:
-    """CPU seconds of one server process, or None when it cannot be read here."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def measure(dsn: str, schema: str, claims: int, finished: int) -> None:
@@ -65,12 +55,12 @@ async def measure(dsn: str, schema: str, claims: int, finished: int) -> None:
                 for name in order:
                     [job_id] = await queue.enqueue_many([{"n": i}])
                     params = {"queue": "q", "limit": 50, "owner": "bench", "lease": 60.0}
-                    before = backend_cpu(pid)
+                    before = process_cpu(pid)
                     started = time.perf_counter()
                     cur = await conn.execute(statements[name], {**params, "id": job_id})
                     rows = await cur.fetchall()
                     times[name].append(time.perf_counter() - started)
-                    after = backend_cpu(pid)
+                    after = process_cpu(pid)
                     spent = cpu[name]
                     cpu[name] = (
                         None
@@ -100,9 +90,11 @@ async def measure(dsn: str, schema: str, claims: int, finished: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--claims", type=int, default=3000, help="claims of each kind")
+    parser.add_argument("--claims", type=int, default=3000, help="claims of each kind (>= 1)")
     parser.add_argument("--finished", type=int, default=100_000, help="finished rows first")
     args = parser.parse_args()
+    if args.claims < 1 or args.finished < 0:
+        parser.error("--claims must be at least 1 and --finished at least 0")
     with database() as dsn:
         schema = new_schema("byid")
         try:
