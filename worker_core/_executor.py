@@ -60,18 +60,18 @@ class Hooks:
 
 class Recorder(Protocol):
     """Where attempts and stages are counted for the persisted metrics history
-    (``worker_core.console.WorkerConsole``); no I/O."""
+    (``worker_core.history.HistoryRecorder``); no I/O."""
 
-    def job(self, job: Job, outcome: str, seconds: float) -> None: ...
+    def job(self, queue: str, kind: str, outcome: str, seconds: float) -> None: ...
 
-    def stage(self, job: Job, stage: str, ok: bool, seconds: float) -> None: ...
+    def stage(self, queue: str, kind: str, stage: str, ok: bool, seconds: float) -> None: ...
 
 
 class _NoRecorder:
-    def job(self, job: Job, outcome: str, seconds: float) -> None:
+    def job(self, queue: str, kind: str, outcome: str, seconds: float) -> None:
         return None
 
-    def stage(self, job: Job, stage: str, ok: bool, seconds: float) -> None:
+    def stage(self, queue: str, kind: str, stage: str, ok: bool, seconds: float) -> None:
         return None
 
 
@@ -90,6 +90,7 @@ class Run:
         "stage",
         "started",
         "task",
+        "token",
     )
 
     def __init__(
@@ -98,6 +99,8 @@ class Run:
         if not job.lease_token:
             raise ValueError(f"job {job.id} was not claimed: it has no lease token")
         self.job = job
+        #: The claim's lease token: this run's key, and the fence of its writes.
+        self.token: str = job.lease_token
         self._completer = completer
         self._max_state = max_state_bytes
         #: A stale run of the same job that must end before this one starts its stages.
@@ -114,10 +117,6 @@ class Run:
         #: Set by the worker before it cancels the task: LEASE_LOST, RELEASE or CANCEL.
         self.cancel_reason: str | None = None
         self.task: asyncio.Task[None] | None = None
-
-    @property
-    def token(self) -> str:
-        return self.job.lease_token or ""
 
     @property
     def done(self) -> bool:
@@ -166,7 +165,8 @@ class Executor:
         #: One stage list for every kind (None: only the kinds of ``_pipelines``).
         self._stages = None if stages is None else list(stages)
         self._pipelines = {kind: list(p) for kind, p in (pipelines or {}).items()}
-        self._recorder: Recorder = recorder or _NoRecorder()
+        # Not `recorder or ...`: an empty HistoryRecorder is falsy (it has a length).
+        self._recorder: Recorder = _NoRecorder() if recorder is None else recorder
         self._hooks = hooks
         self._config = config
         self._metrics = metrics
@@ -251,7 +251,9 @@ class Executor:
                     self._completer.submit(checkpoint(job, stage=run.stage, state=text))
                 run.saved_state = text
             run.current_stage = None
-            await self._succeed(run, state)
+            done = self._succeed(run)
+            if done is not None:  # on_job_done is overridden: it hears of the write
+                await self._job_done(run, state, done)
         except asyncio.CancelledError:
             if run.cancel_reason is None:  # raised inside a stage, not a cancellation of ours
                 await self._fail(run, TransientError("stage was cancelled"), run.current_stage)
@@ -293,29 +295,39 @@ class Executor:
         except BaseException:
             elapsed = time.monotonic() - started
             self._metrics.stage_failed(stage.name, elapsed)
-            self._recorder.stage(ctx.job, stage.name, False, elapsed)
+            self._recorder.stage(ctx.job.queue, ctx.job.kind, stage.name, False, elapsed)
             raise
         elapsed = time.monotonic() - started
         self._metrics.stage_completed(stage.name, elapsed)
-        self._recorder.stage(ctx.job, stage.name, True, elapsed)
+        self._recorder.stage(ctx.job.queue, ctx.job.kind, stage.name, True, elapsed)
         if self._enabled(logging.DEBUG):
             self._logger.debug("stage done", seconds=round(elapsed, 6))
 
-    async def _succeed(self, run: Run, state: dict[str, Any]) -> None:
-        job, hook = run.job, self._hooks.on_job_done
+    def _succeed(self, run: Run) -> asyncio.Future[bool] | None:
+        """Submit the success; a future of its write when ``on_job_done`` waits for it.
+        Not a coroutine: the common success awaits nothing."""
+        job = run.job
         run.finished = True
         future = self._completer.submit(
-            succeed(job, stage=run.stage, state=run.saved_state), wait=hook is not None
+            succeed(job, stage=run.stage, state=run.saved_state),
+            wait=self._hooks.on_job_done is not None,
         )
         elapsed = time.monotonic() - run.started
         self._metrics.job_succeeded(elapsed)
-        self._recorder.job(job, "succeeded", elapsed)
+        self._recorder.job(job.queue, job.kind, "succeeded", elapsed)
         if self._enabled(logging.INFO):
             self._logger.info("job succeeded", seconds=round(elapsed, 6))
-        if hook is not None and future is not None and await future:
+        return future
+
+    async def _job_done(
+        self, run: Run, state: dict[str, Any], written: asyncio.Future[bool]
+    ) -> None:
+        hook = self._hooks.on_job_done
+        if hook is not None and await written:
             done = replace(
-                job, status=JobStatus.SUCCEEDED, stage=run.stage, state=state, lease_token=None
-            )
+                run.job, status=JobStatus.SUCCEEDED, stage=run.stage, state=state,
+                lease_token=None,
+            )  # fmt: skip
             await self._call_hook("on_job_done", hook(done))
 
     async def _cancelled(self, run: Run) -> None:
@@ -376,7 +388,7 @@ class Executor:
                     bury(run.job, stage=run.stage, state=run.saved_state, error=error_json(record))
                 )
                 self._metrics.attempt_failed(type(exc).__name__, 0.0, "dead")
-                self._recorder.job(run.job, "dead", 0.0)
+                self._recorder.job(run.job.queue, run.job.kind, "dead", 0.0)
 
     async def _fail_with_outcome(self, run: Run, exc: Exception, stage: str | None) -> None:
         job = run.job
@@ -407,7 +419,7 @@ class Executor:
             deferred = outcome.event is Transition.DEFER
             self._completer.submit(outcome)
             self._metrics.attempt_failed(error_type, elapsed, "deferred" if deferred else "retried")
-            self._recorder.job(job, "deferred" if deferred else "retried", elapsed)
+            self._recorder.job(job.queue, job.kind, "deferred" if deferred else "retried", elapsed)
             if deferred:
                 log, event = self._logger.info, "job deferred"
                 count = {"deferrals": job.deferrals + 1}
@@ -420,7 +432,7 @@ class Executor:
         hook = self._hooks.on_dead_letter
         future = self._completer.submit(outcome, wait=hook is not None)
         self._metrics.attempt_failed(error_type, elapsed, "dead")
-        self._recorder.job(job, "dead", elapsed)
+        self._recorder.job(job.queue, job.kind, "dead", elapsed)
         self._logger.error(
             "job dead-lettered",
             stage=stage,

@@ -293,7 +293,7 @@ class Runtime:
                 stages=stages, pipelines=by_kind, hooks=parts.hooks, config=config,
                 metrics=parts.metrics, logger=self._log, completer=completer, services=self,
                 worker=parts.worker, worker_id=parts.worker_id, rng=parts.rng,
-                recorder=parts.console,
+                recorder=parts.console.recorder,
             )  # fmt: skip
             dispatcher = self._dispatcher = Dispatcher(
                 queue=queue, completer=completer, executor=executor, config=config,

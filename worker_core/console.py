@@ -26,7 +26,6 @@ from .registry import WorkerRegistry
 
 if TYPE_CHECKING:
     from .config import WorkerConfig
-    from .jobs import Job
     from .queue import Queue
 
 __all__ = ["WorkerConsole"]
@@ -69,15 +68,11 @@ class WorkerConsole:
         self._log = StructuredLogger("worker_core.console", worker_id=worker_id)
 
     # -- recording (no I/O) --------------------------------------------------------
-    def job(self, job: Job, outcome: str, seconds: float) -> None:
-        """An attempt of ``job`` ended: succeeded, retried, deferred or dead."""
-        if self._history_on:  # every job: one attribute read when history is off
-            self.history.job(job.queue, job.kind or "default", outcome, seconds)
-
-    def stage(self, job: Job, stage: str, ok: bool, seconds: float) -> None:
-        """A stage of ``job`` completed (``ok``) or raised."""
-        if self._history_on:
-            self.history.stage(job.queue, job.kind or "default", stage, ok, seconds)
+    @property
+    def recorder(self) -> HistoryRecorder | None:
+        """Where the executor counts attempts and stages (None: history is off, and
+        a job costs no call for it)."""
+        return self.history if self._history_on else None
 
     # -- a run -----------------------------------------------------------------------
     async def start(self, queue: Queue) -> None:

@@ -35,7 +35,7 @@ import json
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from typing import Any
 
@@ -198,12 +198,20 @@ class Job:
     def from_claim(cls, row: Sequence[Any], owner: str) -> Job:
         """A job that ``owner`` just claimed, from a row of the claim statements: the
         fields in their order but for status (running), finished_at (none) and
-        lease_owner (``owner``), which the database need not send."""
-        return cls(
-            row[0], row[1], row[2], JobStatus.RUNNING, row[3], row[4], row[5], row[6],
-            row[7], row[8], row[9], row[10], row[11], row[12], row[13], row[14], None,
-            row[15], owner, row[16], row[17], row[18], row[19],
-        )  # fmt: skip
+        lease_owner (``owner``), which the database need not send; an empty state or
+        error history may come as NULL."""
+        # Every claimed job is built here, so the frozen dataclass's __init__ (one
+        # object.__setattr__ per field) is bypassed: the slots are set directly.
+        job = _new(cls)
+        state, errors = row[4], row[12]
+        for put, value in zip(_PUT, (
+            row[0], row[1], row[2], JobStatus.RUNNING, row[3], {} if state is None else state,
+            row[5], row[6], row[7], row[8], row[9], row[10], row[11],
+            [] if errors is None else errors, row[13], row[14], None, row[15], owner,
+            row[16], row[17], row[18], row[19], None,
+        ), strict=True):  # fmt: skip
+            put(job, value)
+        return job
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> Job:
@@ -233,6 +241,11 @@ class Job:
             kind=row.get("kind") or "default",
             cancel_requested_at=row.get("cancel_requested_at"),
         )
+
+
+_new = object.__new__
+#: The slot setters of Job in field order (``from_claim``).
+_PUT = tuple(Job.__dict__[f.name].__set__ for f in fields(Job))
 
 
 def _text(value: Any) -> str | None:

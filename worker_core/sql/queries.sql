@@ -154,9 +154,11 @@ SET status = 'running', attempt = j.attempt + 1, lease_owner = %(owner)s,
 FROM picked
 WHERE j.id = picked.id
 -- The columns of worker_core.jobs.Job.from_claim: the fields in their order, but
--- for status, finished_at and lease_owner (running, NULL and %(owner)s here).
-RETURNING j.id, j.queue, j.payload, j.stage, j.state, j.attempt, j.max_attempts,
-          j.deferrals, j.priority, j.run_at, j.correlation_id, j.last_error, j.errors,
+-- for status, finished_at and lease_owner (running, NULL and %(owner)s here). An
+-- empty state or error history comes as NULL: no JSON to decode for a fresh job.
+RETURNING j.id, j.queue, j.payload, j.stage, nullif(j.state, '{}'::jsonb), j.attempt,
+          j.max_attempts, j.deferrals, j.priority, j.run_at, j.correlation_id, j.last_error,
+          nullif(j.errors, '[]'::jsonb),
           j.created_at, j.updated_at, j.dedupe_key, j.lease_expires_at,
           j.lease_token::text, j.errors_dropped, j.kind
 
@@ -180,9 +182,11 @@ WHERE j.id = ANY(ARRAY(
     FOR NO KEY UPDATE SKIP LOCKED
 ))
 -- The columns of worker_core.jobs.Job.from_claim: the fields in their order, but
--- for status, finished_at and lease_owner (running, NULL and %(owner)s here).
-RETURNING j.id, j.queue, j.payload, j.stage, j.state, j.attempt, j.max_attempts,
-          j.deferrals, j.priority, j.run_at, j.correlation_id, j.last_error, j.errors,
+-- for status, finished_at and lease_owner (running, NULL and %(owner)s here). An
+-- empty state or error history comes as NULL: no JSON to decode for a fresh job.
+RETURNING j.id, j.queue, j.payload, j.stage, nullif(j.state, '{}'::jsonb), j.attempt,
+          j.max_attempts, j.deferrals, j.priority, j.run_at, j.correlation_id, j.last_error,
+          nullif(j.errors, '[]'::jsonb),
           j.created_at, j.updated_at, j.dedupe_key, j.lease_expires_at,
           j.lease_token::text, j.errors_dropped, j.kind
 
@@ -228,9 +232,11 @@ SET status = 'running', attempt = j.attempt + 1, lease_owner = %(owner)s,
 FROM picked
 WHERE j.id = picked.id
 -- The columns of worker_core.jobs.Job.from_claim: the fields in their order, but
--- for status, finished_at and lease_owner (running, NULL and %(owner)s here).
-RETURNING j.id, j.queue, j.payload, j.stage, j.state, j.attempt, j.max_attempts,
-          j.deferrals, j.priority, j.run_at, j.correlation_id, j.last_error, j.errors,
+-- for status, finished_at and lease_owner (running, NULL and %(owner)s here). An
+-- empty state or error history comes as NULL: no JSON to decode for a fresh job.
+RETURNING j.id, j.queue, j.payload, j.stage, nullif(j.state, '{}'::jsonb), j.attempt,
+          j.max_attempts, j.deferrals, j.priority, j.run_at, j.correlation_id, j.last_error,
+          nullif(j.errors, '[]'::jsonb),
           j.created_at, j.updated_at, j.dedupe_key, j.lease_expires_at,
           j.lease_token::text, j.errors_dropped, j.kind
 
