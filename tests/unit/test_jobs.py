@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -49,6 +51,30 @@ def test_job_from_row_defaults() -> None:
     assert job.errors == []
     with pytest.raises(AttributeError):
         job.status = JobStatus.DEAD  # type: ignore[misc]
+
+
+def test_job_from_claim_is_the_constructors_job() -> None:
+    """from_claim sets the slots itself: the same Job as the constructor's, still
+    frozen, with a fresh state dict and error list where the claim sent NULL."""
+    t = datetime(2026, 1, 2, tzinfo=UTC)
+    row = [7, "q", {"p": 1}, "parse", None, 2, 5, 1, 3, t, "cid", None, None, t, t, "k", t,
+           "tok", 0, "pdf"]  # fmt: skip
+    job = Job.from_claim(row, "w1")
+    assert job == Job(
+        7, "q", {"p": 1}, JobStatus.RUNNING, "parse", {}, 2, 5, 1, 3, t, "cid", None, [], t, t,
+        None, "k", "w1", t, "tok", 0, "pdf", None,
+    )  # fmt: skip
+    assert job.state is not Job.from_claim(row, "w1").state  # one dict per job
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        job.attempt = 3  # type: ignore[misc]
+    stored = [*row]
+    stored[4], stored[11], stored[12] = {"a": 1}, {"type": "E"}, [{"type": "E"}]
+    again = Job.from_claim(stored, "w1")
+    assert (again.state, again.last_error, again.errors) == (
+        {"a": 1},
+        {"type": "E"},
+        [{"type": "E"}],
+    )
 
 
 @pytest.mark.parametrize(
