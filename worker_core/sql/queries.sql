@@ -164,27 +164,23 @@ RETURNING j.id, j.queue, j.payload, j.stage, nullif(j.state, '{}'::jsonb), j.att
 
 -- name: claim_one
 -- The claim of the common case: one queue, any kind, no max_running. The rows are
--- picked and locked by one scan of jobs_claim_idx in claim order, after a
--- one-time probe of paused_queues, then updated by primary key; MATERIALIZED
--- fences the LIMIT from the planner, as in `claim`. The same row lock, fresh
--- lease_token and returned columns as `claim`. (Picking the ids in an InitPlan,
--- `id = ANY(ARRAY(SELECT ...))`, plans a third faster, but it ran 0.1-0.25 ms
--- longer for a one-job claim under the prepared statement's generic plan, and
--- never faster: docs/benchmarks.md, stop 23.)
-WITH picked AS MATERIALIZED (
+-- picked and locked by one scan of jobs_claim_idx in claim order (an InitPlan: no
+-- CTE, join, lateral or sort to plan; the claim is planned at every call, so that
+-- is a third less planning), after a one-time probe of paused_queues, then
+-- updated by primary key. The same row lock, fresh lease_token and returned
+-- columns as `claim`.
+UPDATE {schema}.jobs AS j
+SET status = 'running', attempt = j.attempt + 1, lease_owner = %(owner)s,
+    lease_token = {lease_token},
+    lease_expires_at = now() + %(lease)s::float8 * interval '1 second', updated_at = now()
+WHERE j.id = ANY(ARRAY(
     SELECT q.id FROM {schema}.jobs AS q
     WHERE q.queue = %(queue)s AND q.status = 'queued' AND q.run_at <= now()
       AND NOT EXISTS (SELECT 1 FROM {schema}.paused_queues AS p WHERE p.queue = %(queue)s)
     ORDER BY q.priority DESC, q.run_at, q.id
     LIMIT %(limit)s
     FOR NO KEY UPDATE SKIP LOCKED
-)
-UPDATE {schema}.jobs AS j
-SET status = 'running', attempt = j.attempt + 1, lease_owner = %(owner)s,
-    lease_token = {lease_token},
-    lease_expires_at = now() + %(lease)s::float8 * interval '1 second', updated_at = now()
-FROM picked
-WHERE j.id = picked.id
+))
 -- The columns of worker_core.jobs.Job.from_claim: the fields in their order, but
 -- for status, finished_at and lease_owner (running, NULL and %(owner)s here). An
 -- empty state or error history comes as NULL: no JSON to decode for a fresh job.
