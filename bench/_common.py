@@ -1,4 +1,4 @@
-"""Shared set-up for the benchmark scripts: a database and a fresh schema.
+"""Shared set-up for the benchmark scripts: a database, a fresh schema, an aged table.
 
 Uses ``WORKER_CORE_BENCH_DSN`` when set; otherwise starts an embedded PostgreSQL
 with default settings (durable commits, as in production) in a temporary directory.
@@ -61,3 +61,22 @@ def run(coro: Any) -> Any:
     print(f"event loop: {'uvloop' if factory else 'asyncio'}")
     with asyncio.Runner(loop_factory=factory) as runner:
         return runner.run(coro)
+
+
+async def finished_jobs(queue: Any, n: int) -> None:
+    """``n`` jobs enqueued and marked succeeded in ``queue``'s table, then VACUUM
+    ANALYZE: the backlog of finished rows of a table that has been in use."""
+    await queue.enqueue_many([{"i": i} for i in range(n)])
+    async with queue.connection() as conn:
+        table = sql.Identifier(queue.schema, "jobs")
+        await conn.execute(
+            sql.SQL("UPDATE {} SET status = 'succeeded', finished_at = now()").format(table)
+        )
+        await conn.execute(sql.SQL("VACUUM ANALYZE {}").format(table))
+
+
+def cpu_sum(spent: float | None, before: float | None, after: float | None) -> float | None:
+    """``spent`` plus one interval's CPU (``after - before``); None once any is unknown."""
+    if spent is None or before is None or after is None:
+        return None
+    return spent + after - before

@@ -18,9 +18,8 @@ import asyncio
 import statistics
 import time
 
-from _common import database, drop_schema, new_schema
+from _common import cpu_sum, database, drop_schema, finished_jobs, new_schema
 from _servers import process_cpu
-from psycopg import sql
 
 from worker_core import Queue, WorkerConfig
 
@@ -33,13 +32,7 @@ async def measure(dsn: str, schema: str, claims: int, finished: int) -> None:
     )
     async with Queue(config) as queue:
         await queue.migrate()
-        await queue.enqueue_many([{"i": i} for i in range(finished)])
-        async with queue.connection() as conn:
-            table = sql.Identifier(schema, "jobs")
-            await conn.execute(
-                sql.SQL("UPDATE {} SET status = 'succeeded', finished_at = now()").format(table)
-            )
-            await conn.execute(sql.SQL("VACUUM ANALYZE {}").format(table))
+        await finished_jobs(queue, finished)
         general = queue._sql["claim_one"]
         by_id = general.replace(_PICK, b"WHERE q.id = %(id)s AND " + _PICK[len(b"WHERE ") :])
         if by_id == general:
@@ -61,12 +54,7 @@ async def measure(dsn: str, schema: str, claims: int, finished: int) -> None:
                     rows = await cur.fetchall()
                     times[name].append(time.perf_counter() - started)
                     after = process_cpu(pid)
-                    spent = cpu[name]
-                    cpu[name] = (
-                        None
-                        if spent is None or before is None or after is None
-                        else spent + after - before
-                    )
+                    cpu[name] = cpu_sum(cpu[name], before, after)
                     if [r[0] for r in rows] != [job_id]:
                         raise SystemExit(f"{name}: claimed {rows!r}, expected job {job_id}")
     figures: dict[str, tuple[float, float, float | None]] = {}

@@ -22,9 +22,8 @@ import asyncio
 import statistics
 import time
 
-from _common import database, drop_schema, new_schema
+from _common import cpu_sum, database, drop_schema, finished_jobs, new_schema
 from _servers import process_cpu
-from psycopg import sql
 
 from worker_core import Queue, WorkerConfig
 
@@ -52,13 +51,7 @@ async def measure(dsn: str, schema: str, args: argparse.Namespace) -> None:
     )
     async with Queue(config) as queue:
         await queue.migrate()
-        await queue.enqueue_many([{"i": i} for i in range(args.finished)])
-        async with queue.connection() as conn:
-            table = sql.Identifier(schema, "jobs")
-            await conn.execute(
-                sql.SQL("UPDATE {} SET status = 'succeeded', finished_at = now()").format(table)
-            )
-            await conn.execute(sql.SQL("VACUUM ANALYZE {}").format(table))
+        await finished_jobs(queue, args.finished)
         initplan = queue._sql["claim_one"]
         statements = {"CTE": cte_form(initplan), "InitPlan (claim_one)": initplan}
         times: dict[str, list[float]] = {name: [] for name in statements}
@@ -77,12 +70,7 @@ async def measure(dsn: str, schema: str, args: argparse.Namespace) -> None:
                     got = len(await cur.fetchall())
                     times[name].append(time.perf_counter() - started)
                     after = process_cpu(pid)
-                    spent = cpu[name]
-                    cpu[name] = (
-                        None
-                        if spent is None or before is None or after is None
-                        else spent + after - before
-                    )
+                    cpu[name] = cpu_sum(cpu[name], before, after)
                     if got != args.batch:
                         raise SystemExit(f"{name} claimed {got} of {args.batch} jobs")
     warm = min(20, args.claims // 10)
