@@ -2,11 +2,12 @@
 
 ``WorkerConsole`` holds a worker's ``HistoryRecorder`` (it lives as long as the
 worker, so counts survive between runs), its workers-registry row and its alert
-evaluator. The executor calls ``job`` and ``stage`` where it builds outcomes;
-the runtime calls ``start`` when a run starts (the worker registers) and
-``stop`` when it ends (last rollups written, registry left); the maintenance
-component runs the three periodic loops (``flush_loop``, ``registry.run``,
-``alerts.run``). Nothing here knows the worker class.
+evaluator. The executor counts attempts and stages straight into ``recorder``
+(that HistoryRecorder, or None while history is off); the runtime calls
+``start`` when a run starts (the worker registers) and ``stop`` when it ends
+(last rollups written, registry left); the maintenance component runs the three
+periodic loops (``flush_loop``, ``registry.run``, ``alerts.run``). Nothing here
+knows the worker class.
 """
 
 from __future__ import annotations

@@ -201,7 +201,8 @@ class Job:
         lease_owner (``owner``), which the database need not send; an empty state or
         error history may come as NULL."""
         # Every claimed job is built here, so the frozen dataclass's __init__ (one
-        # object.__setattr__ per field) is bypassed: the slots are set directly.
+        # object.__setattr__ per field) is bypassed: the slots are set directly
+        # (Job's own fields only: a subclass with fields of its own would need more).
         job = _new(cls)
         state, errors = row[4], row[12]
         for put, value in zip(_PUT, (
