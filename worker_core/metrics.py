@@ -112,7 +112,6 @@ class ProcessingMetrics:
         self.unstorable = 0
         # Attempt durations by outcome: succeeded, retried, deferred, dead.
         self._jobs = {name: _Histogram() for name in ("succeeded", *_OUTCOMES)}
-        self._succeeded = self._jobs["succeeded"]
         self._claims = _Histogram()
         self._stages: dict[str, _StageStats] = {}
         self._errors: dict[str, int] = {}
@@ -136,7 +135,7 @@ class ProcessingMetrics:
 
     def job_succeeded(self, seconds: float) -> None:
         self.processed += 1
-        self._succeeded.observe(seconds)
+        self._jobs["succeeded"].observe(seconds)
 
     def attempt_failed(self, error_type: str, seconds: float, outcome: str) -> None:
         """An attempt raised; ``outcome`` is retried, deferred or dead."""
@@ -179,8 +178,7 @@ class ProcessingMetrics:
         self.vacuums += 1
 
     def stage_completed(self, stage: str, seconds: float) -> None:
-        stats = self._stages.get(stage)  # one lookup for a known stage: every stage run
-        (stats or self._stage(stage)).completed.observe(seconds)
+        self._stage(stage).completed.observe(seconds)
 
     def stage_failed(self, stage: str, seconds: float) -> None:
         self._stage(stage).failed.observe(seconds)

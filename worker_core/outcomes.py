@@ -120,10 +120,7 @@ def checkpoint(job: Job, *, stage: str | None, state: str) -> Outcome:
 
 def succeed(job: Job, *, stage: str | None, state: str | None) -> Outcome:
     """Every stage completed."""
-    token = job.lease_token  # _make, inline: every job ends here
-    if not token:
-        raise ValueError(f"job {job.id} has no lease token: only a claimed job has an outcome")
-    return Outcome(job.id, token, job.attempt, Transition.SUCCEED, stage, state)
+    return _make(job, Transition.SUCCEED, stage, state)
 
 
 def retry(job: Job, *, stage: str | None, state: str | None, delay: float, error: str) -> Outcome:
