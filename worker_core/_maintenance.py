@@ -9,6 +9,8 @@
   returns the jobs of dead or hung workers (``Queue.rescue_expired``);
 - prune: finished jobs past retention, in batches, one worker at a time;
 - vacuum: the jobs table once it holds ``maintenance.vacuum_dead_rows`` dead rows;
+  analyze: once it has grown to ``maintenance.analyze_growth_factor`` times its
+  size when the sessions planned their statements (so they plan them again);
 - reindex: the claim indexes, each rebuilt concurrently once it has grown to
   ``maintenance.reindex_claim_index_factor`` times what its entries need, one
   worker of the fleet at a time (a lease row, so it works through PgBouncer);
@@ -44,6 +46,9 @@ __all__ = ["Maintenance"]
 
 Leases = Callable[[], list[tuple[int, str]]]
 
+#: A table of fewer pages (blocks, 8 KiB by default) is not analyzed for growth:
+#: reading it whole costs about what finding rows by key does.
+ANALYZE_MIN_PAGES = 16
 #: The indexes claims read: by queue, and by queue and kind (a worker with pipelines()).
 CLAIM_INDEXES = ("jobs_claim_idx", "jobs_claim_kind_idx")
 #: A claim index is rebuilt only past this size (a small index costs nothing).
@@ -59,7 +64,7 @@ REINDEX_LEASE_SECONDS = 300.0
 
 
 class Maintenance:
-    """Heartbeat, rescue, prune and vacuum against one Queue."""
+    """Heartbeat, rescue, prune, vacuum and analyze against one Queue."""
 
     def __init__(
         self,
@@ -78,6 +83,11 @@ class Maintenance:
         self._logger = logger
         self._rng = rng or random.Random()
         self._may_not_vacuum = False  # the role does not own the jobs table
+        self._may_not_analyze = False
+        #: The jobs table's pages when the sessions last planned their statements,
+        #: and its pages as of its last VACUUM or ANALYZE then (``analyze``).
+        self._planned_pages: int | None = None
+        self._stats_pages = 0
         self._may_not_reindex = False
         self._owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self._reread_paused = asyncio.Event()
@@ -211,10 +221,21 @@ class Maintenance:
 
     async def vacuum_loop(self) -> None:
         settings = self._config.maintenance
-        if settings.vacuum_dead_rows is not None:
+        if settings.vacuum_dead_rows is not None or settings.analyze_growth_factor is not None:
+            # The table's size before this worker's first claims: what it plans for.
+            with contextlib.suppress(Exception):  # the loop's ticks log what fails
+                await self.analyze()
             await self._every(
-                settings.vacuum_check_interval, self.vacuum, "vacuuming the jobs table failed"
+                settings.vacuum_check_interval,
+                self.look_after_table,
+                "vacuuming or analyzing the jobs table failed",
             )
+
+    async def look_after_table(self) -> None:
+        """VACUUM the jobs table if it is due; if not, ANALYZE it if it is due (a
+        VACUUM counts its pages too, and makes every session plan again as well)."""
+        if await self.vacuum() is None:
+            await self.analyze()
 
     async def reindex_loop(self, *, look_now: bool = True) -> None:
         """Rebuild bloated claim indexes (``reindex``) every check interval; the first
@@ -297,6 +318,49 @@ class Maintenance:
                 seconds=round(time.monotonic() - started, 3),
             )
         return dead_rows
+
+    async def analyze(self) -> int | None:
+        """ANALYZE the jobs table (``Queue.analyze``) once it has grown to
+        ``maintenance.analyze_growth_factor`` times the pages it had when the
+        sessions made their plans, and past ``ANALYZE_MIN_PAGES``; returns its pages
+        when it did, else None.
+
+        When the plans were made: at this worker's start (its connections plan
+        their statements after it), or at the last VACUUM or ANALYZE of the table
+        (seen as a change of its recorded pages: every session plans again after
+        one). The first call only takes that measure: a worker started on a large
+        table planned for it.
+        """
+        growth = self._config.maintenance.analyze_growth_factor
+        if growth is None or self._may_not_analyze:
+            return None
+        pages, stats_pages = await self._queue.table_pages()
+        if self._planned_pages is None:
+            self._planned_pages, self._stats_pages = pages, stats_pages
+            return None
+        if stats_pages != self._stats_pages:  # a VACUUM or ANALYZE since: planned again
+            self._planned_pages, self._stats_pages = stats_pages, stats_pages
+        if pages < max(ANALYZE_MIN_PAGES, growth * self._planned_pages):
+            return None
+        started = time.monotonic()
+        try:
+            analyzed = await self._queue.analyze()
+        except PermissionError as exc:
+            self._may_not_analyze = True
+            self._logger.warning(
+                "not analyzing the jobs table: leaving it to autovacuum", reason=str(exc)
+            )
+            return None
+        if not analyzed:
+            return None  # another session holds the table; look again next time
+        self._planned_pages = pages
+        self._metrics.table_analyzed()
+        self._logger.info(
+            "analyzed the jobs table: it outgrew the plans of its statements",
+            pages=pages,
+            seconds=round(time.monotonic() - started, 3),
+        )
+        return pages
 
     async def claim_indexes_bloated(self) -> dict[str, tuple[int, float]]:
         """The claim indexes ``reindex`` would rebuild now: ``{index: (bytes, live

@@ -577,7 +577,17 @@ class MaintenanceSettings(_Section):
         default=2.0,
         gt=0,
         le=HOUR,
-        description="how often a worker reads the jobs table's dead rows",
+        description="how often a worker reads the jobs table's dead rows and size",
+    )
+    analyze_growth_factor: float | None = Field(
+        default=2.0,
+        ge=1.1,
+        le=1000,
+        description="ANALYZE the jobs table once it is this many times the pages it had "
+        "when the sessions planned their statements (the worker's start, or the last VACUUM "
+        "or ANALYZE) and over 16 pages: each connection's cached plans of the claim and "
+        "outcome statements were made for that size, and made on a near-empty table they "
+        "read it whole; None leaves it to autovacuum",
     )
     reindex_claim_index_factor: float | None = Field(
         default=4.0,

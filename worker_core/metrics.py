@@ -106,6 +106,7 @@ class ProcessingMetrics:
         self.rescued = 0
         self.pruned = 0
         self.vacuums = 0
+        self.analyzes = 0
         self.claimed = 0
         self.in_flight = 0
         self.loop_stalls = 0
@@ -177,6 +178,10 @@ class ProcessingMetrics:
         """The jobs table was vacuumed by this worker (dead rows over the threshold)."""
         self.vacuums += 1
 
+    def table_analyzed(self) -> None:
+        """The jobs table was analyzed by this worker (it outgrew its statistics)."""
+        self.analyzes += 1
+
     def stage_completed(self, stage: str, seconds: float) -> None:
         self._stage(stage).completed.observe(seconds)
 
@@ -237,6 +242,7 @@ class ProcessingMetrics:
             "rescued": self.rescued,
             "pruned": self.pruned,
             "vacuums": self.vacuums,
+            "analyzes": self.analyzes,
             "claimed": self.claimed,
             "in_flight": self.in_flight,
             "loop_stalls": self.loop_stalls,
@@ -439,6 +445,10 @@ class MetricsCollector:
         claimed.add(q, m.claimed)
         vacuums = fam("table_vacuums", "counter", "VACUUMs of the jobs table run by this worker.")
         vacuums.add(q, m.vacuums)
+        analyzes = fam(
+            "table_analyzes", "counter", "ANALYZEs of the grown jobs table run by this worker."
+        )
+        analyzes.add(q, m.analyzes)
         errors = fam("attempt_errors", "counter", "Failed attempts by exception type (capped).")
         for error_type, count in list(m._errors.items()):
             errors.add((*q, ("error_type", error_type)), count)

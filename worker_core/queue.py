@@ -51,6 +51,9 @@ __all__ = [
 
 T = TypeVar("T")
 
+#: The columns ``analyze`` reads: those claims filter and sort on (the jsonb
+#: columns' statistics would cost most of the time of a whole-table ANALYZE).
+_ANALYZED_COLUMNS = ("queue", "status", "kind", "priority", "run_at")
 #: The statuses ``wait`` returns at.
 _ENDED = frozenset({JobStatus.SUCCEEDED, JobStatus.DEAD, JobStatus.CANCELLED})
 
@@ -641,21 +644,70 @@ class Queue(ConsoleMethods):
                 raise PermissionError(
                     f"this role may not VACUUM {self.schema}.jobs (it is not the table's owner)"
                 )
-            skipped = False
-
-            def on_notice(diag: Any) -> None:
-                nonlocal skipped
-                skipped = skipped or diag.sqlstate == "55P03"  # lock_not_available
-
-            conn.add_notice_handler(on_notice)
-            try:
-                await conn.execute(
-                    sql.SQL("VACUUM (SKIP_LOCKED) {}.jobs").format(sql.Identifier(self.schema)),
-                    prepare=False,
-                )
-            finally:
-                conn.remove_notice_handler(on_notice)
+            skipped = await self._skip_locked(conn, "VACUUM")
         return None if skipped else dead_rows
+
+    async def table_pages(self) -> tuple[int, int]:
+        """The jobs table's size in pages (blocks) now, and as of its last VACUUM or
+        ANALYZE (0 if never): what ``analyze`` is for."""
+        async with self.connection() as conn:
+            cur = await conn.execute(self._sql["vacuum_check"], {"schema": self.schema})
+            row = await cur.fetchone()
+        return (int(row[2]), int(row[3])) if row is not None else (0, 0)
+
+    async def analyze(self) -> bool:
+        """ANALYZE the columns of the jobs table that claims filter and sort on.
+
+        Why: each connection caches the plans of its claim, heartbeat and outcome
+        statements (prepared, after five runs a generic plan), made for the size the
+        table had then. Made on a near-empty table they read the table whole, and
+        keep doing so as it grows: every outcome batch then costs a scan of every
+        row. ANALYZE records the table's size and makes every session of the fleet
+        plan its statements again; autovacuum would too, but it looks at the table
+        at most once per ``autovacuum_naptime`` (1 minute by default). Workers call
+        it when the table has outgrown their plans (``maintenance.analyze_growth_factor``).
+        The payload, state and errors columns are left out: their statistics cost
+        most of a whole-table ANALYZE, and no worker statement filters on them.
+
+        Returns False when it did not analyze: another session holds the table (a
+        VACUUM, ANALYZE or index rebuild: ``SKIP_LOCKED``). Raises
+        ``PermissionError`` when this role does not own the table.
+        """
+        async with self.connection() as conn:
+            cur = await conn.execute(self._sql["vacuum_check"], {"schema": self.schema})
+            row = await cur.fetchone()
+            if row is None:
+                return False  # no statistics row: the table is not there (yet)
+            if not bool(row[1]):
+                raise PermissionError(
+                    f"this role may not ANALYZE {self.schema}.jobs (it is not the table's owner)"
+                )
+            return not await self._skip_locked(conn, "ANALYZE", _ANALYZED_COLUMNS)
+
+    async def _skip_locked(
+        self, conn: AsyncConnection[Any], command: str, columns: Sequence[str] = ()
+    ) -> bool:
+        """Run ``command`` (VACUUM or ANALYZE) on the jobs table (these ``columns``
+        only, if any) with SKIP_LOCKED; True when the server skipped it (another
+        session holds the table)."""
+        skipped = False
+
+        def on_notice(diag: Any) -> None:
+            nonlocal skipped
+            skipped = skipped or diag.sqlstate == "55P03"  # lock_not_available
+
+        conn.add_notice_handler(on_notice)
+        try:
+            statement = sql.SQL("{} (SKIP_LOCKED) {}.jobs").format(
+                sql.SQL(command), sql.Identifier(self.schema)
+            )
+            if columns:
+                listed = sql.SQL(", ").join(map(sql.Identifier, columns))
+                statement = sql.SQL("{} ({})").format(statement, listed)
+            await conn.execute(statement, prepare=False)
+        finally:
+            conn.remove_notice_handler(on_notice)
+        return skipped
 
     def _queue_names(self, queue: str | Sequence[str] | None) -> list[str]:
         """One name, several, or (None) every queue of ``config.queue.name``; checked."""

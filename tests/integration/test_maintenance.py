@@ -285,6 +285,115 @@ async def test_vacuum_runs_over_the_threshold_and_once_across_the_fleet(
     assert await off.vacuum() is None
 
 
+async def seq_scans(queue: Queue) -> int:
+    """Sequential scans of the jobs table so far (this pool's one connection flushes
+    its own counts first)."""
+    async with queue.connection() as conn:
+        await conn.execute("SELECT pg_stat_force_next_flush()")
+        cur = await conn.execute(
+            "SELECT seq_scan FROM pg_stat_user_tables WHERE schemaname = %s AND relname = 'jobs'",
+            (queue.schema,),
+        )
+        row = await cur.fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def outcome_cycle(queue: Queue, n: int) -> int:
+    """What a worker's connections run for n jobs: claim, heartbeat, finish."""
+    jobs = await queue.claim("w1", n, lease_seconds=60)
+    if jobs:
+        await queue.heartbeat([(j.id, j.lease_token or "") for j in jobs], lease_seconds=60)
+        assert len(await queue.finish([succeed(j, stage=None, state=None) for j in jobs])) == len(
+            jobs
+        )
+    return len(jobs)
+
+
+async def test_statements_planned_on_an_empty_table_find_rows_by_key_once_it_is_analyzed(
+    queue: Queue, make_config: Callable[..., WorkerConfig]
+) -> None:
+    # One connection, so its cached plans are the ones counted. psycopg prepares a
+    # statement at its sixth run (prepare_threshold 5), and the server's plan of a
+    # prepared statement is then its generic plan (its own choice after five more
+    # runs, here at once), made on the table as it is now: nearly empty.
+    config = make_config(
+        database={"pool_min_size": 1, "pool_max_size": 1},
+        maintenance={"analyze_growth_factor": 2},
+    )
+    await execute(queue, "ALTER TABLE {schema}.jobs SET (autovacuum_enabled = false)")
+    async with Queue(config) as one:
+        metrics = ProcessingMetrics()
+        worker = maintenance(one, config, metrics)
+        assert await worker.analyze() is None  # the worker's start: its plans' size
+        async with one.connection() as conn:
+            await conn.execute("SET plan_cache_mode = force_generic_plan")
+        for _ in range(8):
+            await one.enqueue_many([{"i": 0}] * 3)
+            await outcome_cycle(one, 3)
+        await one.enqueue_many([{"i": i} for i in range(20_000)])
+        before = await seq_scans(one)
+        await outcome_cycle(one, 50)
+        # Plans for an empty table: the outcome write reads all 20,000 rows for 50.
+        assert await seq_scans(one) > before
+
+        pages = await worker.analyze()
+        assert pages is not None and pages >= 16
+        assert metrics.analyzes == 1
+        assert await worker.analyze() is None  # planned for this size now
+
+        before = await seq_scans(one)
+        for _ in range(3):
+            assert await outcome_cycle(one, 50) == 50
+        assert await seq_scans(one) == before  # planned again: rows by primary key
+
+
+async def test_analyze_waits_for_growth_since_the_plans_and_skips_a_locked_table(
+    queue: Queue, make_config: Callable[..., WorkerConfig], pg_dsn: str
+) -> None:
+    await execute(queue, "ALTER TABLE {schema}.jobs SET (autovacuum_enabled = false)")
+    await queue.enqueue_many([{"i": i} for i in range(3000)])
+    metrics = ProcessingMetrics()
+    worker = maintenance(queue, make_config(maintenance={"analyze_growth_factor": 3}), metrics)
+    # Started on a table of 3,000 rows never analyzed: it planned for them.
+    assert await worker.analyze() is None
+    start_pages, stats_pages = await queue.table_pages()
+    assert start_pages >= 16 and stats_pages == 0
+    assert await worker.analyze() is None
+    await queue.enqueue_many([{"i": i} for i in range(3000)])
+    assert await worker.analyze() is None  # twice the pages is not three times
+    await queue.enqueue_many([{"i": i} for i in range(6000)])
+    async with await AsyncConnection.connect(pg_dsn) as other:
+        # What a VACUUM, ANALYZE or index rebuild elsewhere holds: skipped, not waited for.
+        await other.execute(
+            sql.SQL("LOCK TABLE {}.jobs IN SHARE UPDATE EXCLUSIVE MODE").format(
+                sql.Identifier(queue.schema)
+            )
+        )
+        assert await worker.analyze() is None
+        await other.rollback()
+    pages = await worker.analyze()
+    assert pages is not None and pages >= 3 * start_pages
+    assert metrics.analyzes == 1
+    [(last_analyze,)] = await execute(
+        queue,
+        "SELECT last_analyze FROM pg_stat_user_tables WHERE schemaname = %s AND relname = 'jobs'",
+        queue.schema,
+    )
+    assert last_analyze is not None
+    assert (await queue.table_pages())[1] == pages
+
+    # A VACUUM elsewhere made every session plan again, for the size it recorded.
+    await queue.enqueue_many([{"i": i} for i in range(12_000)])
+    await execute(queue, "VACUUM {schema}.jobs")
+    assert await worker.analyze() is None
+    assert metrics.analyzes == 1
+
+    off = maintenance(queue, make_config(maintenance={"analyze_growth_factor": None}))
+    assert await off.analyze() is None
+    assert await off.analyze() is None
+
+
 async def make_dead_rows(queue: Queue, n: int) -> None:
     async with queue.connection() as conn:
         # The server's autovacuum would clean them up if its visit fell in the test.
@@ -335,6 +444,15 @@ async def test_a_role_that_does_not_own_the_table_leaves_it_to_autovacuum(
                     assert await worker.vacuum() is None  # no second query, no second line
                 assert caplog.text.count("leaving it to autovacuum") == 1
                 assert metrics.vacuums == 0
+                with pytest.raises(PermissionError, match="not the table's owner"):
+                    await limited.analyze()
+                assert await worker.analyze() is None  # the size at start
+                await queue.enqueue_many([{"i": i} for i in range(5000)])
+                with caplog.at_level("WARNING", logger="worker_core.worker"):
+                    assert await worker.analyze() is None
+                    assert await worker.analyze() is None
+                assert caplog.text.count("not analyzing the jobs table") == 1
+                assert metrics.analyzes == 0
         finally:
             await admin.execute(sql.SQL("DROP OWNED BY {}").format(ident))
             await admin.execute(sql.SQL("DROP ROLE {}").format(ident))

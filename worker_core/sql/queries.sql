@@ -436,8 +436,12 @@ WHERE s.schemaname = %(schema)s AND s.relname = 'jobs'
 
 -- name: vacuum_check
 -- Dead rows on the jobs table (from the statistics system: no scan), and whether
--- this role may VACUUM it (it owns the table or is a member of the owner role).
-SELECT s.n_dead_tup AS dead_rows, pg_has_role(c.relowner, 'USAGE') AS may_vacuum
+-- this role may VACUUM or ANALYZE it (it owns the table or is a member of the
+-- owner role); its size in pages now and as of its last VACUUM or ANALYZE
+-- (relpages: 0 if never).
+SELECT s.n_dead_tup AS dead_rows, pg_has_role(c.relowner, 'USAGE') AS may_vacuum,
+       pg_relation_size(c.oid) / current_setting('block_size')::int8 AS pages,
+       c.relpages::int8 AS stats_pages
 FROM pg_stat_user_tables AS s JOIN pg_class AS c ON c.oid = s.relid
 WHERE s.schemaname = %(schema)s AND s.relname = 'jobs'
 
