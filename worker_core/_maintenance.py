@@ -10,7 +10,7 @@
 - prune: finished jobs past retention, in batches, one worker at a time;
 - vacuum: the jobs table once it holds ``maintenance.vacuum_dead_rows`` dead rows;
   analyze: once it has grown to ``maintenance.analyze_growth_factor`` times its
-  size when the sessions planned their statements (so they plan them again);
+  size at its last VACUUM or ANALYZE (so every session plans its statements again);
 - reindex: the claim indexes, each rebuilt concurrently once it has grown to
   ``maintenance.reindex_claim_index_factor`` times what its entries need, one
   worker of the fleet at a time (a lease row, so it works through PgBouncer);
@@ -84,10 +84,6 @@ class Maintenance:
         self._rng = rng or random.Random()
         self._may_not_vacuum = False  # the role does not own the jobs table
         self._may_not_analyze = False
-        #: The jobs table's pages when the sessions last planned their statements,
-        #: and its pages as of its last VACUUM or ANALYZE then (``analyze``).
-        self._planned_pages: int | None = None
-        self._stats_pages = 0
         self._may_not_reindex = False
         self._owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self._reread_paused = asyncio.Event()
@@ -222,9 +218,6 @@ class Maintenance:
     async def vacuum_loop(self) -> None:
         settings = self._config.maintenance
         if settings.vacuum_dead_rows is not None or settings.analyze_growth_factor is not None:
-            # The table's size before this worker's first claims: what it plans for.
-            with contextlib.suppress(Exception):  # the loop's ticks log what fails
-                await self.analyze()
             await self._every(
                 settings.vacuum_check_interval,
                 self.look_after_table,
@@ -320,46 +313,29 @@ class Maintenance:
         return dead_rows
 
     async def analyze(self) -> int | None:
-        """ANALYZE the jobs table (``Queue.analyze``) once it has grown to
-        ``maintenance.analyze_growth_factor`` times the pages it had when the
-        sessions made their plans, and past ``ANALYZE_MIN_PAGES``; returns its pages
-        when it did, else None.
-
-        When the plans were made: at this worker's start (its connections plan
-        their statements after it), or at the last VACUUM or ANALYZE of the table
-        (seen as a change of its recorded pages: every session plans again after
-        one). The first call only takes that measure: a worker started on a large
-        table planned for it.
-        """
+        """ANALYZE the jobs table once it has grown to
+        ``maintenance.analyze_growth_factor`` times its size at its last VACUUM or
+        ANALYZE, the smallest any session's cached plans were made for
+        (``Queue.analyze``); returns its pages when it did, else None."""
         growth = self._config.maintenance.analyze_growth_factor
         if growth is None or self._may_not_analyze:
             return None
-        pages, stats_pages = await self._queue.table_pages()
-        if self._planned_pages is None:
-            self._planned_pages, self._stats_pages = pages, stats_pages
-            return None
-        if stats_pages != self._stats_pages:  # a VACUUM or ANALYZE since: planned again
-            self._planned_pages, self._stats_pages = stats_pages, stats_pages
-        if pages < max(ANALYZE_MIN_PAGES, growth * self._planned_pages):
-            return None
         started = time.monotonic()
         try:
-            analyzed = await self._queue.analyze()
+            pages = await self._queue.analyze(growth=growth, min_pages=ANALYZE_MIN_PAGES)
         except PermissionError as exc:
             self._may_not_analyze = True
             self._logger.warning(
                 "not analyzing the jobs table: leaving it to autovacuum", reason=str(exc)
             )
             return None
-        if not analyzed:
-            return None  # another session holds the table; look again next time
-        self._planned_pages = pages
-        self._metrics.table_analyzed()
-        self._logger.info(
-            "analyzed the jobs table: it outgrew the plans of its statements",
-            pages=pages,
-            seconds=round(time.monotonic() - started, 3),
-        )
+        if pages is not None:
+            self._metrics.table_analyzed()
+            self._logger.info(
+                "analyzed the jobs table: it outgrew the plans of its statements",
+                pages=pages,
+                seconds=round(time.monotonic() - started, 3),
+            )
         return pages
 
     async def claim_indexes_bloated(self) -> dict[str, tuple[int, float]]:

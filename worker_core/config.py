@@ -583,11 +583,10 @@ class MaintenanceSettings(_Section):
         default=2.0,
         ge=1.1,
         le=1000,
-        description="ANALYZE the jobs table once it is this many times the pages it had "
-        "when the sessions planned their statements (the worker's start, or the last VACUUM "
-        "or ANALYZE) and over 16 pages: each connection's cached plans of the claim and "
-        "outcome statements were made for that size, and made on a near-empty table they "
-        "read it whole; None leaves it to autovacuum",
+        description="ANALYZE the jobs table once it is this many times the pages it had at "
+        "its last VACUUM or ANALYZE and over 16 pages: each connection's cached plans of the "
+        "claim and outcome statements were made for that size or larger, and made on a "
+        "near-empty table they read it whole; None leaves it to autovacuum",
     )
     reindex_claim_index_factor: float | None = Field(
         default=4.0,

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 from psycopg import AsyncConnection, sql
 from psycopg.rows import dict_row
@@ -649,43 +649,59 @@ class Queue(ConsoleMethods):
 
     async def table_pages(self) -> tuple[int, int]:
         """The jobs table's size in pages (blocks) now, and as of its last VACUUM or
-        ANALYZE (0 if never): what ``analyze`` is for."""
+        ANALYZE (``pg_class.relpages``, 0 if never)."""
         async with self.connection() as conn:
             cur = await conn.execute(self._sql["vacuum_check"], {"schema": self.schema})
             row = await cur.fetchone()
         return (int(row[2]), int(row[3])) if row is not None else (0, 0)
 
-    async def analyze(self) -> bool:
-        """ANALYZE the columns of the jobs table that claims filter and sort on.
+    async def analyze(self, *, growth: float = 2.0, min_pages: int = 16) -> int | None:
+        """ANALYZE the columns of the jobs table that claims filter and sort on, once
+        the table is ``growth`` times the pages it had at its last VACUUM or ANALYZE
+        and at least ``min_pages`` (``growth=1, min_pages=0``: now).
 
         Why: each connection caches the plans of its claim, heartbeat and outcome
-        statements (prepared, after five runs a generic plan), made for the size the
-        table had then. Made on a near-empty table they read the table whole, and
-        keep doing so as it grows: every outcome batch then costs a scan of every
-        row. ANALYZE records the table's size and makes every session of the fleet
-        plan its statements again; autovacuum would too, but it looks at the table
-        at most once per ``autovacuum_naptime`` (1 minute by default). Workers call
-        it when the table has outgrown their plans (``maintenance.analyze_growth_factor``).
-        The payload, state and errors columns are left out: their statistics cost
-        most of a whole-table ANALYZE, and no worker statement filters on them.
+        statements (prepared, then generic plans), made for the size the table had
+        then. Made on a near-empty table they read the table whole, and keep doing
+        so as it grows: every outcome batch then costs a scan of every row. A
+        change of the table's recorded size (``relpages``, which VACUUM and ANALYZE
+        set) makes every session of every process plan again at its next run, so
+        ``relpages`` is also the smallest size any cached plan was made for; ANALYZE
+        sets it to the size now. Autovacuum would too, but it looks at the table at
+        most once per ``autovacuum_naptime`` (1 minute by default). Workers call
+        this every ``maintenance.vacuum_check_interval``. The payload, state and
+        errors columns are left out: their statistics cost most of a whole-table
+        ANALYZE, and no worker statement filters on them.
 
-        Returns False when it did not analyze: another session holds the table (a
-        VACUUM, ANALYZE or index rebuild: ``SKIP_LOCKED``). Raises
-        ``PermissionError`` when this role does not own the table.
+        Returns the table's pages when it analyzed it; None when it did not (not
+        grown enough, or another session holds the table for a VACUUM, ANALYZE or
+        index rebuild: ``SKIP_LOCKED``). Raises ``PermissionError`` when this role
+        does not own the table.
         """
+        if not (1 <= growth <= 1e6 and min_pages >= 0):  # also refuses NaN
+            raise ValueError(
+                f"growth must be in [1, 1e6] and min_pages >= 0, not {growth!r}, {min_pages!r}"
+            )
         async with self.connection() as conn:
             cur = await conn.execute(self._sql["vacuum_check"], {"schema": self.schema})
             row = await cur.fetchone()
             if row is None:
-                return False  # no statistics row: the table is not there (yet)
-            if not bool(row[1]):
+                return None  # no statistics row: the table is not there (yet)
+            may_analyze, pages, stats_pages = bool(row[1]), int(row[2]), int(row[3])
+            if pages < max(min_pages, growth * stats_pages):
+                return None
+            if not may_analyze:
                 raise PermissionError(
                     f"this role may not ANALYZE {self.schema}.jobs (it is not the table's owner)"
                 )
-            return not await self._skip_locked(conn, "ANALYZE", _ANALYZED_COLUMNS)
+            skipped = await self._skip_locked(conn, "ANALYZE", _ANALYZED_COLUMNS)
+        return None if skipped else pages
 
     async def _skip_locked(
-        self, conn: AsyncConnection[Any], command: str, columns: Sequence[str] = ()
+        self,
+        conn: AsyncConnection[Any],
+        command: Literal["VACUUM", "ANALYZE"],
+        columns: Sequence[str] = (),
     ) -> bool:
         """Run ``command`` (VACUUM or ANALYZE) on the jobs table (these ``columns``
         only, if any) with SKIP_LOCKED; True when the server skipped it (another

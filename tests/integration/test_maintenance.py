@@ -323,9 +323,6 @@ async def test_statements_planned_on_an_empty_table_find_rows_by_key_once_it_is_
     )
     await execute(queue, "ALTER TABLE {schema}.jobs SET (autovacuum_enabled = false)")
     async with Queue(config) as one:
-        metrics = ProcessingMetrics()
-        worker = maintenance(one, config, metrics)
-        assert await worker.analyze() is None  # the worker's start: its plans' size
         async with one.connection() as conn:
             await conn.execute("SET plan_cache_mode = force_generic_plan")
         for _ in range(8):
@@ -337,10 +334,12 @@ async def test_statements_planned_on_an_empty_table_find_rows_by_key_once_it_is_
         # Plans for an empty table: the outcome write reads all 20,000 rows for 50.
         assert await seq_scans(one) > before
 
+        metrics = ProcessingMetrics()
+        worker = maintenance(one, config, metrics)
         pages = await worker.analyze()
         assert pages is not None and pages >= 16
         assert metrics.analyzes == 1
-        assert await worker.analyze() is None  # planned for this size now
+        assert await worker.analyze() is None  # recorded at this size now
 
         before = await seq_scans(one)
         for _ in range(3):
@@ -348,21 +347,18 @@ async def test_statements_planned_on_an_empty_table_find_rows_by_key_once_it_is_
         assert await seq_scans(one) == before  # planned again: rows by primary key
 
 
-async def test_analyze_waits_for_growth_since_the_plans_and_skips_a_locked_table(
+async def test_analyze_waits_for_growth_since_the_recorded_size_and_skips_a_locked_table(
     queue: Queue, make_config: Callable[..., WorkerConfig], pg_dsn: str
 ) -> None:
     await execute(queue, "ALTER TABLE {schema}.jobs SET (autovacuum_enabled = false)")
-    await queue.enqueue_many([{"i": i} for i in range(3000)])
+    for bad in (float("nan"), 0.5, float("inf")):
+        with pytest.raises(ValueError, match="growth"):
+            await queue.analyze(growth=bad)
     metrics = ProcessingMetrics()
     worker = maintenance(queue, make_config(maintenance={"analyze_growth_factor": 3}), metrics)
-    # Started on a table of 3,000 rows never analyzed: it planned for them.
-    assert await worker.analyze() is None
-    start_pages, stats_pages = await queue.table_pages()
-    assert start_pages >= 16 and stats_pages == 0
-    assert await worker.analyze() is None
+    await queue.enqueue_many([{"i": i} for i in range(10)])
+    assert await worker.analyze() is None  # a page: under the floor of 16
     await queue.enqueue_many([{"i": i} for i in range(3000)])
-    assert await worker.analyze() is None  # twice the pages is not three times
-    await queue.enqueue_many([{"i": i} for i in range(6000)])
     async with await AsyncConnection.connect(pg_dsn) as other:
         # What a VACUUM, ANALYZE or index rebuild elsewhere holds: skipped, not waited for.
         await other.execute(
@@ -372,8 +368,8 @@ async def test_analyze_waits_for_growth_since_the_plans_and_skips_a_locked_table
         )
         assert await worker.analyze() is None
         await other.rollback()
-    pages = await worker.analyze()
-    assert pages is not None and pages >= 3 * start_pages
+    pages = await worker.analyze()  # never analyzed (relpages 0) and over the floor
+    assert pages is not None and pages >= 16
     assert metrics.analyzes == 1
     [(last_analyze,)] = await execute(
         queue,
@@ -381,17 +377,47 @@ async def test_analyze_waits_for_growth_since_the_plans_and_skips_a_locked_table
         queue.schema,
     )
     assert last_analyze is not None
-    assert (await queue.table_pages())[1] == pages
+    assert await queue.table_pages() == (pages, pages)
 
-    # A VACUUM elsewhere made every session plan again, for the size it recorded.
-    await queue.enqueue_many([{"i": i} for i in range(12_000)])
-    await execute(queue, "VACUUM {schema}.jobs")
+    # Twice the pages is not three times; four times is.
+    await queue.enqueue_many([{"i": i} for i in range(3000)])
     assert await worker.analyze() is None
-    assert metrics.analyzes == 1
+    await queue.enqueue_many([{"i": i} for i in range(6000)])
+    assert await worker.analyze() is not None
+    assert metrics.analyzes == 2
+
+    # A VACUUM elsewhere recorded the size, and made every session plan again.
+    grown, _ = await queue.table_pages()
+    await queue.enqueue_many([{"i": i} for i in range(3 * 12_000)])
+    await execute(queue, "VACUUM {schema}.jobs")
+    now, recorded = await queue.table_pages()
+    assert now >= 3 * grown and recorded == now
+    assert await worker.analyze() is None
+    assert metrics.analyzes == 2
 
     off = maintenance(queue, make_config(maintenance={"analyze_growth_factor": None}))
+    eager = maintenance(queue, make_config(maintenance={"analyze_growth_factor": 1.1}))
+    assert await eager.analyze() is None  # nothing grew since the VACUUM
+    await queue.enqueue_many([{"i": i} for i in range(15_000)])  # a quarter more
     assert await off.analyze() is None
-    assert await off.analyze() is None
+    assert await eager.analyze() is not None  # the control: due at 1.1 times
+
+
+async def test_each_look_vacuums_when_due_and_otherwise_analyzes_when_due(
+    queue: Queue, make_config: Callable[..., WorkerConfig]
+) -> None:
+    await make_dead_rows(queue, 1500)  # autovacuum off on this table
+    await queue.enqueue_many([{"i": i} for i in range(1000)])
+    metrics = ProcessingMetrics()
+    config = make_config(maintenance={"vacuum_dead_rows": 1000, "analyze_growth_factor": 2})
+    worker = maintenance(queue, config, metrics)
+    await worker.look_after_table()  # VACUUM (due), which records the size too
+    assert (metrics.vacuums, metrics.analyzes) == (1, 0)
+    await worker.look_after_table()
+    assert (metrics.vacuums, metrics.analyzes) == (1, 0)
+    await queue.enqueue_many([{"i": i} for i in range(5000)])
+    await worker.look_after_table()
+    assert (metrics.vacuums, metrics.analyzes) == (1, 1)
 
 
 async def make_dead_rows(queue: Queue, n: int) -> None:
@@ -446,7 +472,6 @@ async def test_a_role_that_does_not_own_the_table_leaves_it_to_autovacuum(
                 assert metrics.vacuums == 0
                 with pytest.raises(PermissionError, match="not the table's owner"):
                     await limited.analyze()
-                assert await worker.analyze() is None  # the size at start
                 await queue.enqueue_many([{"i": i} for i in range(5000)])
                 with caplog.at_level("WARNING", logger="worker_core.worker"):
                     assert await worker.analyze() is None
