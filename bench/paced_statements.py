@@ -107,7 +107,7 @@ def statement_kind(query: str) -> str | None:
         return "enqueue"
     if not re.search(r"UPDATE \S+\.jobs\b", query):
         return None
-    if "lease_owner = $" in query:  # only a claim sets an owner
+    if "attempt = j.attempt + $" in query and "SKIP LOCKED" in query:  # a new attempt
         return "claim"
     if "jsonb_to_recordset" in query or "WITH u AS" in query:  # this version's, the first's
         return "outcome"

@@ -584,7 +584,7 @@ class MaintenanceSettings(_Section):
         ge=1.1,
         le=1000,
         description="ANALYZE the jobs table once it is this many times the pages it had at "
-        "its last VACUUM or ANALYZE and over 16 pages: each connection's cached plans of the "
+        "its last VACUUM or ANALYZE and over 128 pages: each connection's cached plans of the "
         "claim and outcome statements were made for that size or larger, and made on a "
         "near-empty table they read it whole; None leaves it to autovacuum",
     )

@@ -655,7 +655,7 @@ class Queue(ConsoleMethods):
             row = await cur.fetchone()
         return (int(row[2]), int(row[3])) if row is not None else (0, 0)
 
-    async def analyze(self, *, growth: float = 2.0, min_pages: int = 16) -> int | None:
+    async def analyze(self, *, growth: float = 2.0, min_pages: int = 128) -> int | None:
         """ANALYZE the columns of the jobs table that claims filter and sort on, once
         the table is ``growth`` times the pages it had at its last VACUUM or ANALYZE
         and at least ``min_pages`` (``growth=1, min_pages=0``: now).
