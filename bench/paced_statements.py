@@ -15,8 +15,9 @@ Variants, interleaved over ``--repeat`` rounds (the order alternating):
 - ``this``: this checkout with its default settings;
 - ``this, analyze off``: the same with ``maintenance.analyze_growth_factor = None``
   (``--no-analyze-variant`` leaves it out);
-- ``base``: another checkout (``--base`` or ``$WORKER_CORE_BENCH_BASE``, for
-  example a ``git worktree`` of the first version), with its defaults.
+- other checkouts (``--base DIR ...`` or ``$WORKER_CORE_BENCH_BASE``, for example
+  a ``git worktree`` of the first version), each with its defaults, named by
+  its directory.
 
 Printed: one line per run, the medians per variant, and each variant's p50 and
 p99 against ``this`` (medians of the per-round ratios).
@@ -150,8 +151,9 @@ def run_variant(admin: str, db: str, checkout: Path, args: argparse.Namespace,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_arguments(parser)
-    parser.add_argument("--base", default=os.environ.get("WORKER_CORE_BENCH_BASE"),
-                        help="the other checkout (default: $WORKER_CORE_BENCH_BASE)")  # fmt: skip
+    parser.add_argument("--base", nargs="*", default=[os.environ.get("WORKER_CORE_BENCH_BASE")],
+                        help="other checkouts, each a variant named by its directory "
+                        "(default: $WORKER_CORE_BENCH_BASE)")  # fmt: skip
     parser.add_argument("--repeat", type=int, default=4, help="rounds (>= 1)")
     parser.add_argument("--jobs", type=int, default=2000, help="jobs per run (>= 100)")
     parser.add_argument("--rate", type=float, default=200.0, help="jobs per second (1-1000)")
@@ -167,8 +169,8 @@ def main() -> None:
     if not args.no_analyze_variant:
         off = {"maintenance": {"analyze_growth_factor": None}}
         variants.append(("this, analyze off", CHECKOUT, off))
-    if args.base:
-        variants.append(("base", Path(args.base).resolve(), {}))
+    for base in filter(None, args.base):
+        variants.append((Path(base).resolve().name, Path(base).resolve(), {}))
     results: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in variants}
     with from_args(args, pg_stat_statements=True) as server:
         if not server.pg_stat_statements:
