@@ -83,8 +83,8 @@ class Maintenance:
         self._metrics = metrics
         self._logger = logger
         self._rng = rng or random.Random()
-        self._may_not_vacuum = False  # the role does not own the jobs table
-        self._may_not_analyze = False
+        #: What this role may not do to the jobs table (it does not own it).
+        self._not_owner: set[str] = set()
         self._may_not_reindex = False
         self._owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self._reread_paused = asyncio.Event()
@@ -293,24 +293,14 @@ class Maintenance:
         """VACUUM the jobs table if it holds ``maintenance.vacuum_dead_rows`` dead rows
         or more and no other worker is vacuuming it; returns the dead rows or None."""
         threshold = self._config.maintenance.vacuum_dead_rows
-        if threshold is None or self._may_not_vacuum:
+        if threshold is None:
             return None
-        started = time.monotonic()
-        try:
-            dead_rows = await self._queue.vacuum(min_dead_rows=threshold)
-        except PermissionError as exc:
-            self._may_not_vacuum = True
-            self._logger.warning(
-                "not vacuuming the jobs table: leaving it to autovacuum", reason=str(exc)
-            )
-            return None
+        dead_rows, seconds = await self._as_owner(
+            "vacuuming", lambda: self._queue.vacuum(min_dead_rows=threshold)
+        )
         if dead_rows is not None:
             self._metrics.table_vacuumed()
-            self._logger.info(
-                "vacuumed the jobs table",
-                dead_rows=dead_rows,
-                seconds=round(time.monotonic() - started, 3),
-            )
+            self._logger.info("vacuumed the jobs table", dead_rows=dead_rows, seconds=seconds)
         return dead_rows
 
     async def analyze(self) -> int | None:
@@ -319,25 +309,38 @@ class Maintenance:
         ANALYZE, the smallest any session's cached plans were made for
         (``Queue.analyze``); returns its pages when it did, else None."""
         growth = self._config.maintenance.analyze_growth_factor
-        if growth is None or self._may_not_analyze:
+        if growth is None:
             return None
-        started = time.monotonic()
-        try:
-            pages = await self._queue.analyze(growth=growth, min_pages=ANALYZE_MIN_PAGES)
-        except PermissionError as exc:
-            self._may_not_analyze = True
-            self._logger.warning(
-                "not analyzing the jobs table: leaving it to autovacuum", reason=str(exc)
-            )
-            return None
+        pages, seconds = await self._as_owner(
+            "analyzing", lambda: self._queue.analyze(growth=growth, min_pages=ANALYZE_MIN_PAGES)
+        )
         if pages is not None:
             self._metrics.table_analyzed()
             self._logger.info(
                 "analyzed the jobs table: it outgrew the plans of its statements",
                 pages=pages,
-                seconds=round(time.monotonic() - started, 3),
+                seconds=seconds,
             )
         return pages
+
+    async def _as_owner(
+        self, doing: str, command: Callable[[], Awaitable[int | None]]
+    ) -> tuple[int | None, float]:
+        """Run a VACUUM or ANALYZE of the jobs table (``command``) and time it; a role
+        that may not (it does not own the table) is told once, and leaves ``doing``
+        to autovacuum from then on."""
+        if doing in self._not_owner:
+            return None, 0.0
+        started = time.monotonic()
+        try:
+            result = await command()
+        except PermissionError as exc:
+            self._not_owner.add(doing)
+            self._logger.warning(
+                f"not {doing} the jobs table: leaving it to autovacuum", reason=str(exc)
+            )
+            return None, 0.0
+        return result, round(time.monotonic() - started, 3)
 
     async def claim_indexes_bloated(self) -> dict[str, tuple[int, float]]:
         """The claim indexes ``reindex`` would rebuild now: ``{index: (bytes, live

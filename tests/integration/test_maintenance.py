@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import psycopg
@@ -264,15 +265,8 @@ async def test_vacuum_runs_over_the_threshold_and_once_across_the_fleet(
 
     metrics = ProcessingMetrics()
     worker = maintenance(queue, make_config(maintenance={"vacuum_dead_rows": 1000}), metrics)
-    async with await AsyncConnection.connect(pg_dsn) as other:
-        # What a VACUUM running elsewhere holds: this one skips rather than waits.
-        await other.execute(
-            sql.SQL("LOCK TABLE {}.jobs IN SHARE UPDATE EXCLUSIVE MODE").format(
-                sql.Identifier(queue.schema)
-            )
-        )
+    async with held_as_by_vacuum(queue, pg_dsn):  # this one skips rather than waits
         assert await worker.vacuum() is None
-        await other.rollback()
     assert await worker.vacuum() == 1500
     assert metrics.vacuums == 1
     [(last_vacuum,)] = await execute(
@@ -359,15 +353,8 @@ async def test_analyze_waits_for_growth_since_the_recorded_size_and_skips_a_lock
     await queue.enqueue_many([{"i": i} for i in range(10)])
     assert await worker.analyze() is None  # a page: under the floor of 128
     await queue.enqueue_many([{"i": i} for i in range(10_000)])
-    async with await AsyncConnection.connect(pg_dsn) as other:
-        # What a VACUUM, ANALYZE or index rebuild elsewhere holds: skipped, not waited for.
-        await other.execute(
-            sql.SQL("LOCK TABLE {}.jobs IN SHARE UPDATE EXCLUSIVE MODE").format(
-                sql.Identifier(queue.schema)
-            )
-        )
+    async with held_as_by_vacuum(queue, pg_dsn):  # skipped, not waited for
         assert await worker.analyze() is None
-        await other.rollback()
     pages = await worker.analyze()  # never analyzed (relpages 0) and over the floor
     assert pages is not None and pages >= 128
     assert metrics.analyzes == 1
@@ -418,6 +405,19 @@ async def test_each_look_vacuums_when_due_and_otherwise_analyzes_when_due(
     await queue.enqueue_many([{"i": i} for i in range(10_000)])
     await worker.look_after_table()
     assert (metrics.vacuums, metrics.analyzes) == (1, 1)
+
+
+@contextlib.asynccontextmanager
+async def held_as_by_vacuum(queue: Queue, pg_dsn: str) -> AsyncIterator[None]:
+    """The jobs table held as a VACUUM, ANALYZE or index rebuild elsewhere holds it."""
+    async with await AsyncConnection.connect(pg_dsn) as other:
+        await other.execute(
+            sql.SQL("LOCK TABLE {}.jobs IN SHARE UPDATE EXCLUSIVE MODE").format(
+                sql.Identifier(queue.schema)
+            )
+        )
+        yield
+        await other.rollback()
 
 
 async def make_dead_rows(queue: Queue, n: int) -> None:
