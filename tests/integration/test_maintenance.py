@@ -471,7 +471,7 @@ async def test_a_role_that_does_not_own_the_table_leaves_it_to_autovacuum(
                 assert caplog.text.count("leaving it to autovacuum") == 1
                 assert metrics.vacuums == 0
                 with pytest.raises(PermissionError, match="not the table's owner"):
-                    await limited.analyze()
+                    await limited.analyze(growth=1, min_pages=0)  # due now
                 await queue.enqueue_many([{"i": i} for i in range(10_000)])
                 with caplog.at_level("WARNING", logger="worker_core.worker"):
                     assert await worker.analyze() is None
