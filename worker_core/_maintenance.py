@@ -46,10 +46,6 @@ __all__ = ["Maintenance"]
 
 Leases = Callable[[], list[tuple[int, str]]]
 
-#: A table of fewer pages (blocks, 8 KiB by default) is not analyzed for growth: a
-#: statement reading it whole costs well under a millisecond, less than what an
-#: ANALYZE and every session planning again cost the others while they run.
-ANALYZE_MIN_PAGES = 128
 #: The indexes claims read: by queue, and by queue and kind (a worker with pipelines()).
 CLAIM_INDEXES = ("jobs_claim_idx", "jobs_claim_kind_idx")
 #: A claim index is rebuilt only past this size (a small index costs nothing).
@@ -227,9 +223,10 @@ class Maintenance:
 
     async def look_after_table(self) -> None:
         """VACUUM the jobs table if it is due; if not, ANALYZE it if it is due (a
-        VACUUM counts its pages too, and makes every session plan again as well)."""
-        if await self.vacuum() is None:
-            await self.analyze()
+        VACUUM records its pages too, and makes every session plan again as well).
+        One look at the table decides both."""
+        settings = self._config.maintenance
+        await self._look_after(settings.vacuum_dead_rows, settings.analyze_growth_factor)
 
     async def reindex_loop(self, *, look_now: bool = True) -> None:
         """Rebuild bloated claim indexes (``reindex``) every check interval; the first
@@ -292,55 +289,51 @@ class Maintenance:
     async def vacuum(self) -> int | None:
         """VACUUM the jobs table if it holds ``maintenance.vacuum_dead_rows`` dead rows
         or more and no other worker is vacuuming it; returns the dead rows or None."""
-        threshold = self._config.maintenance.vacuum_dead_rows
-        if threshold is None:
-            return None
-        dead_rows, seconds = await self._as_owner(
-            "vacuuming", lambda: self._queue.vacuum(min_dead_rows=threshold)
-        )
-        if dead_rows is not None:
-            self._metrics.table_vacuumed()
-            self._logger.info("vacuumed the jobs table", dead_rows=dead_rows, seconds=seconds)
-        return dead_rows
+        return await self._look_after(self._config.maintenance.vacuum_dead_rows, None)
 
     async def analyze(self) -> int | None:
         """ANALYZE the jobs table once it has grown to
         ``maintenance.analyze_growth_factor`` times its size at its last VACUUM or
         ANALYZE, the smallest any session's cached plans were made for
         (``Queue.analyze``); returns its pages when it did, else None."""
-        growth = self._config.maintenance.analyze_growth_factor
-        if growth is None:
+        return await self._look_after(None, self._config.maintenance.analyze_growth_factor)
+
+    async def _look_after(self, min_dead_rows: int | None, growth: float | None) -> int | None:
+        """VACUUM if ``min_dead_rows`` is due, else ANALYZE if ``growth`` is (None: not
+        asked); returns the dead rows or pages of what ran. A role that may not (it
+        does not own the table) is told once, and leaves both to autovacuum."""
+        if "vacuuming" in self._not_owner:
+            min_dead_rows = None
+        if "analyzing" in self._not_owner:
+            growth = None
+        if min_dead_rows is None and growth is None:
             return None
-        pages, seconds = await self._as_owner(
-            "analyzing", lambda: self._queue.analyze(growth=growth, min_pages=ANALYZE_MIN_PAGES)
-        )
-        if pages is not None:
+        started = time.monotonic()
+        try:
+            done = await self._queue._look_after_table(min_dead_rows=min_dead_rows, growth=growth)
+        except PermissionError as exc:
+            for doing, asked in (("vacuuming", min_dead_rows), ("analyzing", growth)):
+                if asked is not None:
+                    self._not_owner.add(doing)
+                    self._logger.warning(
+                        f"not {doing} the jobs table: leaving it to autovacuum", reason=str(exc)
+                    )
+            return None
+        if done is None:
+            return None
+        command, found = done
+        seconds = round(time.monotonic() - started, 3)
+        if command == "VACUUM":
+            self._metrics.table_vacuumed()
+            self._logger.info("vacuumed the jobs table", dead_rows=found, seconds=seconds)
+        else:
             self._metrics.table_analyzed()
             self._logger.info(
                 "analyzed the jobs table: it outgrew the plans of its statements",
-                pages=pages,
+                pages=found,
                 seconds=seconds,
             )
-        return pages
-
-    async def _as_owner(
-        self, doing: str, command: Callable[[], Awaitable[int | None]]
-    ) -> tuple[int | None, float]:
-        """Run a VACUUM or ANALYZE of the jobs table (``command``) and time it; a role
-        that may not (it does not own the table) is told once, and leaves ``doing``
-        to autovacuum from then on."""
-        if doing in self._not_owner:
-            return None, 0.0
-        started = time.monotonic()
-        try:
-            result = await command()
-        except PermissionError as exc:
-            self._not_owner.add(doing)
-            self._logger.warning(
-                f"not {doing} the jobs table: leaving it to autovacuum", reason=str(exc)
-            )
-            return None, 0.0
-        return result, round(time.monotonic() - started, 3)
+        return found
 
     async def claim_indexes_bloated(self) -> dict[str, tuple[int, float]]:
         """The claim indexes ``reindex`` would rebuild now: ``{index: (bytes, live

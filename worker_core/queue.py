@@ -51,6 +51,10 @@ __all__ = [
 
 T = TypeVar("T")
 
+#: A table of fewer pages (blocks, 8 KiB by default) is not analyzed for growth: a
+#: statement reading it whole costs well under a millisecond, less than what an
+#: ANALYZE and every session planning again cost the others while they run.
+ANALYZE_MIN_PAGES = 128
 #: The columns ``analyze`` reads: those claims filter and sort on (the jsonb
 #: columns' statistics would cost most of the time of a whole-table ANALYZE).
 _ANALYZED_COLUMNS = ("queue", "status", "kind", "priority", "run_at")
@@ -632,30 +636,19 @@ class Queue(ConsoleMethods):
         it also works through PgBouncer's transaction pooling). Raises
         ``PermissionError`` when this role does not own the table.
         """
-        async with self.connection() as conn:
-            cur = await conn.execute(self._sql["vacuum_check"], {"schema": self.schema})
-            row = await cur.fetchone()
-            if row is None:
-                return None  # no statistics yet
-            dead_rows, may_vacuum = int(row[0] or 0), bool(row[1])
-            if dead_rows < min_dead_rows:
-                return None
-            if not may_vacuum:
-                raise PermissionError(
-                    f"this role may not VACUUM {self.schema}.jobs (it is not the table's owner)"
-                )
-            skipped = await self._skip_locked(conn, "VACUUM")
-        return None if skipped else dead_rows
+        done = await self._look_after_table(min_dead_rows=min_dead_rows, growth=None)
+        return None if done is None else done[1]
 
     async def table_pages(self) -> tuple[int, int]:
         """The jobs table's size in pages (blocks) now, and as of its last VACUUM or
         ANALYZE (``pg_class.relpages``, 0 if never)."""
         async with self.connection() as conn:
-            cur = await conn.execute(self._sql["vacuum_check"], {"schema": self.schema})
-            row = await cur.fetchone()
-        return (int(row[2]), int(row[3])) if row is not None else (0, 0)
+            check = await self._table_check(conn)
+        return (0, 0) if check is None else (check[2], check[3])
 
-    async def analyze(self, *, growth: float = 2.0, min_pages: int = 128) -> int | None:
+    async def analyze(
+        self, *, growth: float = 2.0, min_pages: int = ANALYZE_MIN_PAGES
+    ) -> int | None:
         """ANALYZE the columns of the jobs table that claims filter and sort on, once
         the table is ``growth`` times the pages it had at its last VACUUM or ANALYZE
         and at least ``min_pages`` (``growth=1, min_pages=0``: now).
@@ -678,24 +671,47 @@ class Queue(ConsoleMethods):
         index rebuild: ``SKIP_LOCKED``). Raises ``PermissionError`` when this role
         does not own the table.
         """
-        if not (1 <= growth <= 1e6 and min_pages >= 0):  # also refuses NaN
+        done = await self._look_after_table(min_dead_rows=None, growth=growth, min_pages=min_pages)
+        return None if done is None else done[1]
+
+    async def _look_after_table(
+        self, *, min_dead_rows: int | None, growth: float | None, min_pages: int = ANALYZE_MIN_PAGES
+    ) -> tuple[Literal["VACUUM", "ANALYZE"], int] | None:
+        """``vacuum`` if it is due, else ``analyze`` if it is due (None: not asked),
+        from one look at the table; returns what ran, with the dead rows it started
+        from or the pages it analyzed, or None when nothing ran."""
+        if growth is not None and not (1 <= growth <= 1e6 and min_pages >= 0):  # refuses NaN
             raise ValueError(
                 f"growth must be in [1, 1e6] and min_pages >= 0, not {growth!r}, {min_pages!r}"
             )
         async with self.connection() as conn:
-            cur = await conn.execute(self._sql["vacuum_check"], {"schema": self.schema})
-            row = await cur.fetchone()
-            if row is None:
+            check = await self._table_check(conn)
+            if check is None:
                 return None  # no statistics row: the table is not there (yet)
-            may_analyze, pages, stats_pages = bool(row[1]), int(row[2]), int(row[3])
-            if pages < max(min_pages, growth * stats_pages):
+            dead_rows, may_maintain, pages, stats_pages = check
+            command: Literal["VACUUM", "ANALYZE"]
+            columns: tuple[str, ...]
+            if min_dead_rows is not None and dead_rows >= min_dead_rows:
+                command, found, columns = "VACUUM", dead_rows, ()
+            elif growth is not None and pages >= max(min_pages, growth * stats_pages):
+                command, found, columns = "ANALYZE", pages, _ANALYZED_COLUMNS
+            else:
                 return None
-            if not may_analyze:
+            if not may_maintain:
                 raise PermissionError(
-                    f"this role may not ANALYZE {self.schema}.jobs (it is not the table's owner)"
+                    f"this role may not {command} {self.schema}.jobs (it is not the table's owner)"
                 )
-            skipped = await self._skip_locked(conn, "ANALYZE", _ANALYZED_COLUMNS)
-        return None if skipped else pages
+            skipped = await self._skip_locked(conn, command, columns)
+        return None if skipped else (command, found)
+
+    async def _table_check(self, conn: AsyncConnection[Any]) -> tuple[int, bool, int, int] | None:
+        """The jobs table's dead rows, whether this role may VACUUM or ANALYZE it, its
+        pages now and as of its last VACUUM or ANALYZE (None: no statistics row)."""
+        cur = await conn.execute(self._sql["vacuum_check"], {"schema": self.schema})
+        row = await cur.fetchone()
+        if row is None:
+            return None
+        return int(row[0] or 0), bool(row[1]), int(row[2]), int(row[3])
 
     async def _skip_locked(
         self,

@@ -165,10 +165,11 @@ RETURNING j.id, j.queue, j.payload, j.stage, nullif(j.state, '{}'::jsonb), j.att
 -- name: claim_one
 -- The claim of the common case: one queue, any kind, no max_running. The rows are
 -- picked and locked by one scan of jobs_claim_idx in claim order (an InitPlan: no
--- CTE, join, lateral or sort to plan; the claim is planned at every call, so that
--- is a third less planning), after a one-time probe of paused_queues, then
--- updated by primary key. The same row lock, fresh lease_token and returned
--- columns as `claim`.
+-- CTE, join, lateral or sort to plan, a third less planning for each custom plan),
+-- after a one-time probe of paused_queues, then updated by primary key. Its cached
+-- generic plan is made for the table's size at the time: workers ANALYZE the table
+-- once it outgrows that size (Queue.analyze). The same row lock, fresh lease_token
+-- and returned columns as `claim`.
 UPDATE {schema}.jobs AS j
 SET status = 'running', attempt = j.attempt + 1, lease_owner = %(owner)s,
     lease_token = {lease_token},
